@@ -1,0 +1,219 @@
+"""Inverting flow blocks: the cached sequential inverse, a Jacobi solver, guidance, denoising.
+
+A block's inverse solves ``x[t+1] = z[t+1]·exp(a_t(x[:t+1])) + b_t(x[:t+1])`` token by
+token (token 0 passes through). Every solver here works on one block's *permuted* tokens
+through a ``predict(x_chunk, y, temp, cache, pos) -> (a, b, cache)`` callback (see
+``MetaBlock.predict``) and runs entirely inside ``lax`` loops, so one compile serves every
+token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+SOLVERS = ("cached", "jacobi", "uncached")
+JACOBI_INITS = ("z", "zeros")
+
+Predict = Callable[..., tuple[jax.Array, jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """Guidance settings: weight, what to guide, unguided attention temperature, annealing."""
+
+    weight: Any = 0.0
+    what: str = "ab"
+    attn_temp: Any = 1.0
+    annealed: bool = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the unguided branch must run (a traced weight always runs it)."""
+        if isinstance(self.weight, jax.core.Tracer):
+            return True
+        return float(self.weight) > 0
+
+    def branches(self, y: jax.Array | None, batch: int) -> tuple[jax.Array | None, jax.Array]:
+        """Labels and per-example attention temperatures for the (doubled) batch."""
+        if not self.active:
+            return y, jnp.ones((batch,), jnp.float32)
+        y2 = None if y is None else jnp.concatenate([y, jnp.full_like(y, -1)])
+        temp = jnp.concatenate([jnp.ones((batch,), jnp.float32),
+                                jnp.full((batch,), self.attn_temp, jnp.float32)])
+        return y2, temp
+
+    def combine(self, a: jax.Array, b: jax.Array, positions: jax.Array, num_tokens: int
+                ) -> tuple[jax.Array, jax.Array]:
+        """Mixes the guided (first half) and unguided (second half) predictions.
+
+        ``positions (S,)`` are the token indices whose outputs are in ``a, b (2B,S,D)``.
+        """
+        if not self.active:
+            return a, b
+        half = a.shape[0] // 2
+        g = jnp.asarray(self.weight, jnp.float32)
+        if self.annealed:
+            g = g * (positions.astype(jnp.float32) + 1.0) / (num_tokens - 1)
+        g = jnp.broadcast_to(g, positions.shape)[None, :, None]
+        a_c, a_u, b_c, b_u = a[:half], a[half:], b[:half], b[half:]
+        if "a" in self.what:
+            a_c = a_c + g * (a_c - a_u)
+        if "b" in self.what:
+            b_c = b_c + g * (b_c - b_u)
+        return a_c, b_c
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobiPlan:
+    """How the Jacobi inverse solves each block.
+
+    Each field is one value for every block or a sequence with one value per block
+    (block index as in the forward pass):
+    * ``segments``: number of equal token segments solved in order (1 = plain Jacobi);
+    * ``max_iters``: iteration cap per segment (``None``: the segment length, where the
+      solution is exact);
+    * ``tol``: stop a segment once the largest change between iterates is ``<= tol``;
+    * ``init``: initial guess, ``"z"`` (the block's input) or ``"zeros"`` (after token 0).
+    """
+
+    segments: int | Sequence[int] = 1
+    max_iters: int | None | Sequence[int | None] = None
+    tol: float = 1e-5
+    init: str = "z"
+
+    def for_block(self, k: int, num_tokens: int) -> tuple[int, int | None]:
+        """``(segments, max_iters)`` of block ``k``, segments clipped to the ``T-1`` solved tokens."""
+        pick = lambda v: v[k] if isinstance(v, (list, tuple)) else v
+        return min(int(pick(self.segments)), num_tokens - 1), pick(self.max_iters)
+
+    def check(self, num_blocks: int, num_tokens: int) -> None:
+        """Raises a ValueError for a plan that does not fit the model."""
+        for name in ("segments", "max_iters"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) != num_blocks:
+                raise ValueError(f"JacobiPlan.{name} has {len(value)} entries; the model has "
+                                 f"num_blocks={num_blocks} (give one per block or a single value)")
+        for k in range(num_blocks):
+            segments, max_iters = self.for_block(k, max(num_tokens, 2))
+            if segments < 1:
+                raise ValueError(f"JacobiPlan.segments must be >= 1; got {segments} for block {k}")
+            if max_iters is not None and max_iters < 1:
+                raise ValueError(f"JacobiPlan.max_iters must be >= 1 or None; got {max_iters} for block {k}")
+        if self.init not in JACOBI_INITS:
+            raise ValueError(f"JacobiPlan.init must be one of {JACOBI_INITS}; got {self.init!r}")
+        if not self.tol >= 0:
+            raise ValueError(f"JacobiPlan.tol must be >= 0; got {self.tol}")
+
+
+def _double(x: jax.Array, guide: Guidance) -> jax.Array:
+    return jnp.concatenate([x, x]) if guide.active else x
+
+
+def invert_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
+                  cache_shape: tuple[int, int, int], dtype: Any) -> jax.Array:
+    """Exact sequential inverse of one block with a preallocated key/value cache.
+
+    ``cache_shape = (layers, heads, head_dim)``; the guided and unguided branches run as
+    one batch of ``2B`` with a cache each.
+    """
+    batch, num_tokens, _ = zp.shape
+    y2, temp = guide.branches(y, batch)
+    layers, heads, head_dim = cache_shape
+    rows = 2 * batch if guide.active else batch
+    buf = jnp.zeros((layers, rows, num_tokens, heads, head_dim), dtype)
+    cache = {"k": buf, "v": buf}
+
+    def step(t, carry):
+        x, cache = carry
+        xt = jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1)
+        a, b, cache = predict(_double(xt, guide), y2, temp, cache, t)
+        a, b = guide.combine(a, b, t[None], num_tokens)
+        z_next = jax.lax.dynamic_slice_in_dim(zp, t + 1, 1, axis=1)
+        x = jax.lax.dynamic_update_slice_in_dim(x, z_next * jnp.exp(a) + b, t + 1, axis=1)
+        return x, cache
+
+    x, _ = jax.lax.fori_loop(0, num_tokens - 1, step, (zp, cache))
+    return x
+
+
+def invert_uncached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance
+                    ) -> jax.Array:
+    """Sequential inverse recomputing the whole sequence every step: the test oracle."""
+    batch, num_tokens, _ = zp.shape
+    y2, temp = guide.branches(y, batch)
+
+    def step(t, x):
+        a, b, _ = predict(_double(x, guide), y2, temp)
+        a = jax.lax.dynamic_slice_in_dim(a, t, 1, axis=1)
+        b = jax.lax.dynamic_slice_in_dim(b, t, 1, axis=1)
+        a, b = guide.combine(a, b, t[None], num_tokens)
+        z_next = jax.lax.dynamic_slice_in_dim(zp, t + 1, 1, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(x, z_next * jnp.exp(a) + b, t + 1, axis=1)
+
+    return jax.lax.fori_loop(0, num_tokens - 1, step, zp)
+
+
+def invert_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
+                  cache_shape: tuple[int, int, int], dtype: Any,
+                  block_plan: tuple[int, int | None], tol: float = 1e-5, init: str = "z"
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(Gauss-Seidel-)Jacobi inverse of one block; returns ``x`` and iterations per segment.
+
+    The ``T-1`` input positions ``0..T-2`` (whose outputs give tokens ``1..T-1``) are split
+    into ``segments`` contiguous pieces solved in order. Within a segment all tokens are
+    updated in parallel from the previous iterate; earlier segments serve through the
+    key/value cache. A segment of ``S`` positions is exact after ``S`` iterations.
+    """
+    batch, num_tokens, _ = zp.shape
+    num_segments, max_iters = block_plan
+    y2, temp = guide.branches(y, batch)
+    layers, heads, head_dim = cache_shape
+    rows = 2 * batch if guide.active else batch
+    buf = jnp.zeros((layers, rows, num_tokens, heads, head_dim), dtype)
+    cache = {"k": buf, "v": buf}
+    x = zp if init == "z" else zp.at[:, 1:].set(0.0)
+    bounds = [round(i * (num_tokens - 1) / num_segments) for i in range(num_segments + 1)]
+    iterations = []
+    for p0, p1 in zip(bounds[:-1], bounds[1:]):
+        size = p1 - p0
+        cap = size if max_iters is None else max_iters
+        positions = jnp.arange(p0, p1)
+        z_seg = zp[:, p0 + 1:p1 + 1]
+
+        def update(x, cache, p0=p0, p1=p1, positions=positions, z_seg=z_seg):
+            a, b, cache = predict(_double(x[:, p0:p1], guide), y2, temp, cache, p0)
+            a, b = guide.combine(a, b, positions, num_tokens)
+            new = z_seg * jnp.exp(a) + b
+            delta = jnp.max(jnp.abs(new - x[:, p0 + 1:p1 + 1]))
+            return x.at[:, p0 + 1:p1 + 1].set(new), cache, delta
+
+        def cond(carry, cap=cap):
+            _, _, delta, i = carry
+            return (i < cap) & (delta > tol)
+
+        def body(carry, update=update):
+            x, cache, _, i = carry
+            x, cache, delta = update(x, cache)
+            return x, cache, delta, i + 1
+
+        x, cache, _, n = jax.lax.while_loop(cond, body, (x, cache, jnp.float32(jnp.inf), jnp.int32(0)))
+        iterations.append(n)
+    return x, jnp.stack(iterations)
+
+
+def log_prob(model: Any, variables: Any, x: jax.Array, y: jax.Array | None) -> jax.Array:
+    """Exact ``log p(x|y)`` in nats per example under the standard normal prior."""
+    z, logdet = model.apply(variables, x, y)
+    n = z[0].size
+    return -0.5 * jnp.sum(jnp.square(z), axis=(1, 2, 3)) - 0.5 * n * jnp.log(2 * jnp.pi) + logdet
+
+
+def denoise(model: Any, variables: Any, x: jax.Array, y: jax.Array | None, noise_std: float,
+            step_scale: float = 1.0) -> jax.Array:
+    """One score step ``x + step_scale·σ²·∇ₓ log p(x|y)`` (unguided, true labels), clipped to ``[-1,1]``."""
+    score = jax.grad(lambda u: jnp.sum(log_prob(model, variables, u, y)))(x)
+    return jnp.clip(x + step_scale * noise_std ** 2 * score, -1.0, 1.0)
