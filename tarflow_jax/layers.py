@@ -67,7 +67,7 @@ def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
 
 def constrain_activations(h: jax.Array) -> jax.Array:
     """Shards activations along the batch axis when a logical-axis mesh context is active."""
-    return nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
 
 
 class TransformerLayer(nn.Module):

@@ -1,0 +1,70 @@
+"""Shared fixtures: the parity folder, tiny models with non-trivial output heads."""
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tarflow_jax import TarFlow
+
+PARITY_FILES = ("uncond_rgb16", "cond_gray8", "vp_rgb8")
+
+
+def parity_dir() -> pathlib.Path | None:
+    path = os.environ.get("TARFLOW_PARITY_DIR")
+    return pathlib.Path(path) if path and pathlib.Path(path).is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def parity_path():
+    path = parity_dir()
+    if path is None:
+        pytest.skip("parity vectors not found: set TARFLOW_PARITY_DIR to the folder of the "
+                    "reference .npz files (CI sets ../shared/parity)")
+    return path
+
+
+def load_parity(path: pathlib.Path, name: str):
+    """``(model config dict, reference state dict, the whole npz)`` of one parity file."""
+    data = np.load(path / f"{name}.npz")
+    cfg = {k[4:]: data[k].item() for k in data.files if k.startswith("cfg/")}
+    state = {k[3:]: data[k] for k in data.files if k.startswith("sd/")}
+    return cfg, state, data
+
+
+def random_variables(model: TarFlow, seed: int = 0, head_std: float = 0.05):
+    """Initialised variables with the zero-initialised output heads randomised (non-trivial flow)."""
+    x = jnp.zeros((1, model.img_size, model.img_size, model.in_channels))
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    variables = jax.tree.map(lambda v: v, model.init(jax.random.key(seed), x, y))
+    variables = jax.tree.map(lambda v: getattr(v, "value", v), variables,
+                             is_leaf=lambda v: hasattr(v, "value"))
+    params = dict(variables["params"])
+    key = jax.random.key(seed + 1)
+    for name in sorted(params):
+        key, sub = jax.random.split(key)
+        block = dict(params[name])
+        head = dict(block["proj_out"])
+        head["kernel"] = head_std * jax.random.normal(sub, head["kernel"].shape)
+        block["proj_out"] = head
+        params[name] = block
+    return {**variables, "params": params}
+
+
+@pytest.fixture(scope="session")
+def tiny_cond():
+    """A tiny class-conditional model (8x8x1, 16 tokens) and its variables."""
+    model = TarFlow(img_size=8, in_channels=1, patch_size=2, channels=64, num_blocks=2,
+                    layers_per_block=1, num_classes=3)
+    return model, random_variables(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_uncond():
+    """A tiny unconditional RGB model (8x8x3, 16 tokens) and its variables."""
+    model = TarFlow(img_size=8, in_channels=3, patch_size=2, channels=64, num_blocks=2,
+                    layers_per_block=1)
+    return model, random_variables(model, seed=3)
