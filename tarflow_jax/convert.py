@@ -41,7 +41,7 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
             import torch
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ImportError("reading a .pth file needs PyTorch: pip install 'tarflow_jax[test]' "
-                              "(or torch==2.13.0)") from e
+                              "(torch)") from e
         source = torch.load(path, map_location="cpu", weights_only=True)
         for wrapper in ("state_dict", "model", "ema"):
             if isinstance(source, Mapping) and wrapper in source and isinstance(source[wrapper], Mapping):

@@ -280,7 +280,8 @@ def load_inception_params(source: str | os.PathLike | Mapping[str, Any]) -> dict
                              f"needs {expected[target]} there; is this {FID_WEIGHTS_FILE}?")
         else:
             flat[target] = array
-    missing = [".".join(k[1:]) for k in expected if k not in flat]
+    torch_names = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+    missing = [".".join((*k[1:-1], torch_names[k[-1]])) for k in expected if k not in flat]
     if unknown or missing:
         raise ValueError(f"state dict does not match the FID Inception network: {len(missing)} missing "
                          f"(e.g. {missing[:3]}), {len(unknown)} unexpected (e.g. {unknown[:3]}); "
@@ -427,7 +428,7 @@ def fid(images: Any, reference: str | os.PathLike | tuple[Any, Any], variables: 
 
 
 __all__ = [
-    "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FIDInceptionV3", "load_inception_params", "inception_features",
-    "resize_bilinear", "compute_statistics", "save_statistics", "load_statistics", "frechet_distance",
-    "fid_from_features", "fid",
+    "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FEATURE_DIM", "INCEPTION_SIZE", "FIDInceptionV3",
+    "load_inception_params", "inception_features", "resize_bilinear", "compute_statistics",
+    "save_statistics", "load_statistics", "frechet_distance", "fid_from_features", "fid",
 ]
