@@ -93,7 +93,8 @@ cmd_copy() {
   tmp="$(mktemp -d)"
   tarball="${tmp}/tarflow_code.tgz"
   tar -czf "${tarball}" -C "${REPO_ROOT}" --exclude=.git --exclude=__pycache__ --exclude='*.pyc' \
-    --exclude=.venv --exclude=venv --exclude='*.egg-info' --exclude=.pytest_cache .
+    --exclude=.venv --exclude=venv --exclude='*.egg-info' --exclude=.pytest_cache \
+    --exclude=.benchmarks --exclude=build --exclude='./workdir*' --exclude=./.whl --exclude=./logs .
   gcloud_tpu scp "${tarball}" "${TPU_NAME}:tarflow_code.tgz" --worker=all
   rm -rf "${tmp}"
   on_workers all "rm -rf ~/${REMOTE_DIR} && mkdir -p ~/${REMOTE_DIR} && \

@@ -8,8 +8,8 @@ crash never leaves a half-written step that a restart would pick up.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -18,9 +18,29 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from PIL import Image
 
 CONFIG_FILE = "config.json"
+
+
+def workdir_path(workdir: str | epath.Path) -> epath.Path:
+    """The workdir as a path object: local paths made absolute, ``gs://`` and other URLs kept."""
+    path = epath.Path(workdir)
+    return path if "://" in str(workdir) else path.resolve()
+
+
+def write_atomic(path: str | epath.Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path`` and renames it (local disks and GCS)."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
+    return workdir_path(workdir) / "checkpoints"
 
 
 def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -28,8 +48,8 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.get("keep_checkpoints", 3), create=True,
         enable_async_checkpointing=config.get("async_checkpointing", True))
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 item_names=("state", "data"), options=options)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data"),
+                                 options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None) -> None:
@@ -58,7 +78,8 @@ def restore(manager: ocp.CheckpointManager, target: Any, data_iterator: Any | No
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     abstract = abstract_like(target)
     items = {"state": ocp.args.StandardRestore(abstract)}
-    if data_iterator is not None:
+    # A checkpoint written by `tarflow_jax.convert` has no data position: the data starts afresh.
+    if data_iterator is not None and (manager.directory / str(step) / "data").exists():
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
@@ -66,32 +87,24 @@ def restore(manager: ocp.CheckpointManager, target: Any, data_iterator: Any | No
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes the run's config as JSON (atomically, process 0 only) so ``load`` can rebuild the model."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        write_atomic(workdir_path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2).encode())
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was started with."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = workdir_path(workdir) / CONFIG_FILE
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir!r} is not a tarflow_jax workdir "
                                 f"(train into it with python -m tarflow_jax.main --workdir=...)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def write_png(path: str, image: np.ndarray) -> None:
+def write_png(path: str | epath.Path, image: np.ndarray) -> None:
     """Writes a uint8 ``(H,W,C)`` image as PNG via a temporary file (no half-written PNGs)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
 
 
 def load(workdir: str, use_ema: bool = True, step: int | None = None):
@@ -111,8 +124,8 @@ def load(workdir: str, use_ema: bool = True, step: int | None = None):
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             nn.meta.unbox(abstract))
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {directory}")
     with ocp.CheckpointManager(directory, item_names=("state", "data"), options=options) as manager:
         state = restore(manager, abstract, step=step)

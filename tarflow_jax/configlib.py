@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.b1, c.b2 = 0.9, 0.95
     c.weight_decay = 1e-4
     c.grad_clip_norm = 0.0  # 0 disables
-    c.ema_decay = 0.0  # 0 disables
+    c.ema_decay = 0.0  # 0 disables; warmed up as min(decay, (1+t)/(10+t))
     c.max_consecutive_skips = 100  # non-finite steps in a row before the run stops (0: never)
     # Periodic actions (0 disables; the last step always logs, evaluates, samples and saves).
     c.log_every_steps = 100

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from typing import Any
 
 import jax
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tarflow_jax import input_pipeline, sharding
+from tarflow_jax import checkpointing, input_pipeline, sharding
 from tarflow_jax.flow import TarFlow
 from tarflow_jax.likelihood import bits_per_dim, dequantize
 
@@ -88,13 +87,10 @@ def write_results(workdir: str, result: dict[str, Any], config: ml_collections.C
            f"{result['num_examples']} | {step} |")
     record = {**result, "dataset": dataset, "split": d.eval_split, "step": step,
               "num_params": num_params, "markdown_row": row}
-    path = os.path.join(workdir, f"eval_bpd_{step:08d}.json")
+    path = checkpointing.workdir_path(workdir) / f"eval_bpd_{step:08d}.json"
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, path)
-    return path, row
+        checkpointing.write_atomic(path, json.dumps(record, indent=2).encode())
+    return str(path), row
 
 
 MARKDOWN_HEADER = "| data | model (p/width/K×L, params) | bits/dim ± s.e. | examples | step |\n|---|---|---|---|---|"

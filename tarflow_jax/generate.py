@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
+import io
 from typing import Any
 
 import jax
@@ -87,15 +87,12 @@ def generate(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
 def write_samples(workdir: str, result: dict[str, Any], name: str = "samples", grid_size: int = 64
                   ) -> tuple[str, str]:
     """Writes ``samples/<name>.npz`` (uint8 ``arr_0``/``images`` and ``labels``) and a PNG grid."""
-    out = os.path.join(workdir, "samples")
-    os.makedirs(out, exist_ok=True)
-    npz = os.path.join(out, f"{name}.npz")
+    out = checkpointing.workdir_path(workdir) / "samples"
     arrays = {"arr_0": result["images"], "images": result["images"]}
     if "labels" in result:
         arrays["labels"] = result["labels"]
-    tmp = npz + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, npz)
-    png = os.path.join(out, f"{name}.png")
-    checkpointing.write_png(png, image_grid(result["images"][:grid_size]))
-    return npz, png
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    checkpointing.write_atomic(out / f"{name}.npz", buffer.getvalue())
+    checkpointing.write_png(out / f"{name}.png", image_grid(result["images"][:grid_size]))
+    return str(out / f"{name}.npz"), str(out / f"{name}.png")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 
 import jax
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tarflow_jax import evaluate, generate, sharding, train
-from tarflow_jax.checkpointing import load, load_config
+from tarflow_jax.checkpointing import checkpoint_dir, load, load_config
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/digits.py", "Experiment config file.", lock_config=True)
@@ -63,9 +64,8 @@ def run_sample(workdir: str, config) -> None:
 
 
 def load_step(workdir: str) -> int:
-    import orbax.checkpoint as ocp
-
-    steps = ocp.utils.checkpoint_steps(os.path.join(os.path.abspath(workdir), "checkpoints"))
+    """The latest checkpoint step in ``workdir`` (0 if none)."""
+    steps = ocp.utils.checkpoint_steps(checkpoint_dir(workdir))
     return max(steps) if steps else 0
 
 

@@ -38,15 +38,15 @@
   (mask, exp, erfc) into their backward consumers and so use somewhat less. Check: on CPU,
   ``temp_size_in_bytes`` of XLA's ``memory_analysis()`` for the jitted gradient of small
   float32 models (T=256/W=128 and T=256/W=256, 8 layers, 4 examples) is 8-9% below this
-  estimate without remat and within ±5% of it with remat. (CPU is no guide for bfloat16:
+  estimate without remat and within 6% of it with remat. (CPU is no guide for bfloat16:
   it computes bf16 elementwise ops in float32.)
 * **fsdp_gather**: the transient all-gathered weights of one layer (compute dtype, both
   the forward/backward use and a prefetched next layer: ×2) and that layer's full
   float32 weight gradient before its reduce-scatter; zero when ``fsdp == 1``.
 
-Not counted: XLA's own scratch buffers, fragmentation, the input batch (``b·H·W·C``
-floats), the sampler's key/value cache (evaluation/sampling only), and the framework's
-runtime reserve. Treat ``total`` as a lower bound and keep ~15% of HBM free.
+Not counted: XLA's own scratch buffers, fragmentation, the input images, the sampler's
+key/value cache (evaluation/sampling only) and the runtime's reserve. The activation count
+errs high and these omissions err low; plan for ``total`` to stay under ~85% of HBM.
 
 ``python -m tarflow_jax.memory`` prints the Markdown table of the paper configs used in
 ``docs/scaling.md``.
@@ -66,7 +66,6 @@ MODEL_DEFAULTS = dict(in_channels=3, patch_size=2, channels=768, num_blocks=8, l
                       num_classes=0, nvp=True, head_dim=64, expansion=4, scan_layers=False)
 # Logical axis -> mesh axis, as in tarflow_jax.sharding.LOGICAL_RULES (parameters only).
 PARAM_RULES = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor"}
-GIB = 1024 ** 3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import signal
 from typing import Any
 
@@ -170,8 +169,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
-    if ema is not None:
-        decay = config.ema_decay
+    if ema is not None:  # warm-up: early averages do not drag in the initialisation
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     prior_var = state.prior_var
     if not model.nvp:
@@ -267,13 +267,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     model = create_model(config)
     tx, schedule = create_optimizer(config)
     is_writer = jax.process_index() == 0
-    if is_writer:
-        os.makedirs(workdir, exist_ok=True)
     checkpointing.save_config(workdir, config)
     train_iter = input_pipeline.create_train_iterator(config)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
     batch_sharding = sharding.batch_sharding(mesh)
 
+    # `with mesh` (not jax.set_mesh): Flax would constrain DenseGeneral kernels at their flat init shape.
     with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, state_shardings = create_train_state(config, model, tx, mesh)
         manager = checkpointing.create_manager(workdir, config)
@@ -320,7 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 grid = image_grid(to_uint8(jax.device_get(images)))
                 writer.write_images(step, {name: grid[None]})
                 if is_writer:
-                    checkpointing.write_png(os.path.join(workdir, "samples", f"{name}_{step:08d}.png"), grid)
+                    checkpointing.write_png(
+                        checkpointing.workdir_path(workdir) / "samples" / f"{name}_{step:08d}.png", grid)
 
         with _Preemption() as preemption:
             step = initial_step

@@ -1,0 +1,185 @@
+"""The training loop: a step per config, main end to end, exact resume, NaN skips, load, config errors."""
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import tarflow_jax
+from tarflow_jax import checkpointing, input_pipeline, sharding, train
+from tarflow_jax.flow import TarFlow
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ("digits", "imagenet64_bpd", "imagenet64_uncond", "imagenet64_cond", "imagenet128_cond",
+           "afhq256", "cifar10")
+
+
+def get_config(name: str, arg: str | None = "smoke"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def write_image_folder(root: pathlib.Path, classes=("cat", "dog", "wild"), per_class=3) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                size = (20 + 4 * i, 24)
+                Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_one_real_step_per_config(name, tmp_path):
+    config = get_config(name)
+    full = get_config(name, None)
+    assert full.model.channels >= 128 and full.num_train_steps >= 1000  # the real run is not the smoke one
+    if name == "afhq256":
+        write_image_folder(tmp_path)
+        config.dataset.data_dir = str(tmp_path)
+    train.validate_config(config, jax.device_count())
+    model = train.create_model(config)
+    tx, schedule = train.create_optimizer(config)
+    mesh = sharding.create_mesh(config.mesh)
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=16):
+        iterator = input_pipeline.create_train_iterator(config)
+        batch = input_pipeline.make_global_batch(next(iterator), sharding.batch_sharding(mesh))
+    state, _ = train.create_train_state(config, model, tx, mesh)
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config))
+    new_state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
+    assert int(new_state.step) == 1
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_state.params, state.params)
+    assert any(jax.tree.leaves(changed))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The digits smoke config run end to end through ``python -m tarflow_jax.main``."""
+    workdir = tmp_path_factory.mktemp("digits")
+    cmd = [sys.executable, "-m", "tarflow_jax.main", "--config=configs/digits.py:smoke",
+           f"--workdir={workdir}", "--config.num_train_steps=3", "--config.sample_every_steps=3",
+           "--config.ema_decay=0.5"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result.stderr
+
+
+def test_main_end_to_end(digits_run):
+    workdir, log = digits_run
+    assert (workdir / "checkpoints" / "3" / "state").is_dir()
+    assert list(workdir.glob("events.out.tfevents.*"))
+    pngs = list((workdir / "samples").glob("samples_*.png"))
+    assert pngs and Image.open(pngs[0]).size[0] > 8
+    assert "test bits/dim" in log
+    assert json.loads((workdir / "config.json").read_text())["model"]["num_classes"] == 10
+
+
+def test_load_trained_flow(digits_run):
+    workdir, _ = digits_run
+    model, variables, config = tarflow_jax.load(str(workdir))
+    _, raw, _ = tarflow_jax.load(str(workdir), use_ema=False)
+    assert isinstance(model, TarFlow) and config.dataset.name == "digits"
+    x = jnp.zeros((2, 8, 8, 1))
+    z, logdet = model.apply(variables, x, jnp.array([1, 2]))
+    assert z.shape == x.shape and np.all(np.isfinite(logdet))
+    differs = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["params"], raw["params"])
+    assert any(jax.tree.leaves(differs))  # EMA parameters are not the raw ones
+    with pytest.raises(FileNotFoundError, match="not a tarflow_jax workdir"):
+        tarflow_jax.load(str(workdir / "nothing"))
+
+
+def test_eval_and_sample_modes(digits_run):
+    workdir, _ = digits_run
+    for mode in ("eval", "sample"):
+        result = subprocess.run([sys.executable, "-m", "tarflow_jax.main", f"--workdir={workdir}",
+                                 f"--mode={mode}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((workdir / "eval_bpd_00000003.json").read_text())
+    assert record["num_examples"] == 297 and record["markdown_row"].startswith("| digits test")
+    samples = np.load(workdir / "samples" / "samples_00000003.npz")
+    assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape == (4, 8, 8, 1)
+
+
+def run_training(config, workdir):
+    state = train.train_and_evaluate(config, str(workdir))
+    return jax.device_get(state)
+
+
+def test_exact_resume(tmp_path):
+    config = get_config("digits")
+    config.num_train_steps = 4
+    config.checkpoint_every_steps = 2
+    config.ema_decay = 0.9
+    config.async_checkpointing = False
+    straight = run_training(config, tmp_path / "straight")
+    config.num_train_steps = 2
+    run_training(config, tmp_path / "stopped")
+    config.num_train_steps = 4
+    resumed = run_training(config, tmp_path / "stopped")
+    assert int(resumed.step) == 4
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    config = get_config("digits")
+    config.num_train_steps = 2
+    config.async_checkpointing = False
+    run_training(config, tmp_path)
+    good = checkpointing.load(str(tmp_path))[1]
+    # A learning rate this large blows the parameters up after one step; then every loss is inf/NaN.
+    config.num_train_steps = 40
+    config.learning_rate = 1e30
+    config.warmup_steps = 0
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 100
+    config.max_consecutive_skips = 3
+    with pytest.raises(FloatingPointError, match="3 consecutive training steps had a non-finite"):
+        run_training(config, tmp_path)
+    after = checkpointing.load(str(tmp_path))[1]
+    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)  # the last good checkpoint is intact
+
+
+def test_skipped_step_keeps_state(tmp_path):
+    config = get_config("digits")
+    config.noise, config.noise_std = "gaussian", float("nan")
+    model = train.create_model(config)
+    tx, schedule = train.create_optimizer(config)
+    state, _ = train.create_train_state(config, model, tx, sharding.create_mesh(config.mesh))
+    batch = {"image": jnp.zeros((8, 8, 8, 1), jnp.uint8), "label": jnp.zeros((8,), jnp.int32)}
+    new, metrics = train.train_step(state, batch, model=model, tx=tx, schedule=schedule, config=config)
+    assert int(metrics["skipped"]) == 1 and int(new.consecutive_skips) == 1 and int(new.step) == 1
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model.patch_size", 3, "config.model.img_size=8 is not divisible by config.model.patch_size=3"),
+    ("dataset.image_size", 16, "config.dataset.image_size=16 differs from config.model.img_size=8"),
+    ("noise", "salt", "config.noise must be one of"),
+    ("batch_size", 12, "config.batch_size=12 is not divisible by the 8 data-parallel devices"),
+    ("model.channels", 100, "config.model.channels=100 is not divisible by the head dim 64"),
+    ("ema_decay", 1.5, r"config.ema_decay=1.5 must be in \[0, 1\)"),
+    ("mesh.tensor", 3, "config.mesh"),
+])
+def test_bad_config_errors(field, value, match):
+    config = get_config("digits")
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(config, num_devices=8)
