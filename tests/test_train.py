@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -183,3 +184,22 @@ def test_bad_config_errors(field, value, match):
     (config[section] if section else config)[name] = value
     with pytest.raises(ValueError, match=match):
         train.validate_config(config, num_devices=8)
+
+
+def test_sigterm_saves_before_exiting(tmp_path):
+    cmd = [sys.executable, "-m", "tarflow_jax.main", "--config=configs/digits.py:smoke",
+           f"--workdir={tmp_path}", "--config.num_train_steps=100000", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stderr:  # wait until training is under way
+            if "grad_norm=" in line and "loss=" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, rest[-3000:]
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+    assert "after SIGTERM" in rest
