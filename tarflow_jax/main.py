@@ -9,6 +9,7 @@ elsewhere pass ``--coordinator_address``, ``--num_processes`` and ``--process_id
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 
 import jax
@@ -69,8 +70,17 @@ def load_step(workdir: str) -> int:
     return max(steps) if steps else 0
 
 
+class _QuietLibraries(pylogging.Filter):
+    """Drops INFO lines of Orbax and grain (one per file they write), keeps warnings and errors."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or not any(
+            part in record.pathname for part in ("/orbax/", "/grain/", "/tensorstore/"))
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if FLAGS.jax_distributed:
         initialize_distributed()
     config = FLAGS.config

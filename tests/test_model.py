@@ -176,3 +176,13 @@ def test_bad_inputs(tiny_cond, tiny_uncond):
     umodel, uvariables = tiny_uncond
     with pytest.raises(ValueError, match="unconditional model"):
         umodel.apply(uvariables, jnp.zeros((2, 8, 8, 3)), jnp.array([0, 1]))
+
+
+def test_jacobi_exact_after_segment_length_iterations(tiny_uncond):
+    model, variables = tiny_uncond
+    z = jax.random.normal(jax.random.key(12), (2, 8, 8, 3))
+    cached = model.apply(variables, z, method=TarFlow.reverse)
+    run = lambda plan: model.apply(variables, z, solver="jacobi", jacobi=plan, method=TarFlow.reverse)
+    exact = run(JacobiPlan(max_iters=None, tol=0.0))  # T-1 iterations: exact by construction
+    np.testing.assert_allclose(exact, cached, atol=2e-6)
+    assert float(jnp.abs(run(JacobiPlan(max_iters=2, tol=0.0)) - cached).max()) > 1e-4
