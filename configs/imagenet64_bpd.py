@@ -1,7 +1,7 @@
 """ImageNet 64×64 unconditional TarFlow for likelihood: published 2.99 bits/dim (Zhai et al. 2025).
 
 p=2, width 768, 8 blocks × 8 layers (~460M parameters), uniform dequantization, float32,
-batch 256, 100 epochs (500,500 steps), AdamW 1e-4 with one epoch of warmup, cosine to 1e-6.
+batch 256, 100 epochs (500,400 steps), AdamW 1e-4 with one epoch of warmup, cosine to 1e-6.
 Data: TFDS `downsampled_imagenet/64x64` (van den Oord et al.), eval on `validation`.
 Arg `smoke`: a tiny model and two steps (CI runs it on mock data).
 """

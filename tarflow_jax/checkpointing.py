@@ -111,7 +111,8 @@ def load(workdir: str, use_ema: bool = True, step: int | None = None):
     """``(model, variables, config)`` of a trained flow in ``workdir``, for use from other JAX code.
 
     ``variables`` (``{"params", "prior"}``) are the EMA parameters when the run kept them
-    and ``use_ema`` is set; arrays land on the default device.
+    and ``use_ema`` is set; arrays land on the default device (replicated over all devices
+    in a multi-process job, so that every process can use them).
     """
     from tarflow_jax import train  # train imports this module
 
@@ -120,7 +121,11 @@ def load(workdir: str, use_ema: bool = True, step: int | None = None):
     tx, _ = train.create_optimizer(config)
     init_fn = lambda rng: train.init_state(rng, model=model, tx=tx, config=config)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if jax.process_count() > 1:  # every process must be able to address the arrays
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+        device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             nn.meta.unbox(abstract))
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)

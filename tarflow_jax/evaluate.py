@@ -18,13 +18,25 @@ from tarflow_jax.likelihood import bits_per_dim, dequantize
 
 
 def _batch_sums(variables: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model: TarFlow,
-                num_levels: int, num_draws: int) -> dict[str, jax.Array]:
-    """Masked sums of per-example bits/dim (mean over draws), its square, and the IW bound."""
+                num_levels: int, num_draws: int, mesh: jax.sharding.Mesh | None = None
+                ) -> dict[str, jax.Array]:
+    """Masked sums of per-example bits/dim (mean over draws), its square, and the IW bound.
+
+    With ``mesh`` the forward pass runs per device on its slice of the batch (``shard_map``,
+    parameters gathered to every device); the dequantization noise is drawn for the whole
+    batch first, so the result does not depend on the mesh.
+    """
     y = batch["label"].astype(jnp.int32) if model.num_classes else None
 
-    def one_draw(key):
-        z, logdet = model.apply(variables, dequantize(key, batch["image"], num_levels), y)
+    def forward_bpd(variables, x, y):
+        z, logdet = model.apply(variables, x, y)
         return bits_per_dim(z, logdet, num_levels)
+
+    if mesh is not None:
+        forward_bpd = sharding.per_device(forward_bpd, mesh, num_replicated=1)
+
+    def one_draw(key):
+        return forward_bpd(variables, dequantize(key, batch["image"], num_levels), y)
 
     bpd = jax.lax.map(one_draw, jax.random.split(rng, num_draws))  # (K, B)
     nats = bpd * (model.num_dims * math.log(2.0))
@@ -53,8 +65,9 @@ def evaluate_bits_per_dim(model: TarFlow, variables: Any, config: ml_collections
         raise ValueError(f"config.eval.batch_size={batch_size} is not divisible by the {ways} "
                          f"data-parallel devices")
     step = jax.jit(functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
-                                     num_draws=num_draws))
+                                     num_draws=num_draws, mesh=mesh))
     batch_sharding = sharding.batch_sharding(mesh)
+    variables = sharding.put_on_mesh(variables, mesh)  # e.g. single-device arrays from `load`
     totals = {"sum": 0.0, "sum_sq": 0.0, "iw_sum": 0.0, "count": 0.0}
     base = jax.random.PRNGKey(seed)
     if batch_size % jax.process_count():

@@ -188,134 +188,6 @@ class TarFlow(nn.Module):
             param_dtype=self.param_dtype, **kwargs)
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.proj_in = dense(self.channels, self.token_dim, ("patch", "embed"), name="proj_in", **kw)
-        table_init = nn.initializers.normal(stddev=0.01)
-        self.pos_embed = self.param(
-            "pos_embed", nn.with_logical_partitioning(table_init, ("length", "embed")),
-            (self.num_tokens, self.channels), self.param_dtype)
-        if self.num_classes:
-            self.class_embed = self.param(
-                "class_embed", nn.with_logical_partitioning(table_init, ("classes", "embed")),
-                (self.num_classes, self.channels), self.param_dtype)
-        self.transformer = LayerStack(
-            channels=self.channels, num_layers=self.num_layers, head_dim=self.head_dim,
-            expansion=self.expansion, scan=self.scan_layers, remat=self.remat, **kw)
-        out_dim = 2 * self.token_dim if self.nvp else self.token_dim
-        self.proj_out = dense(out_dim, self.channels, ("embed", "patch"), name="proj_out",
-                              kernel_init=nn.initializers.zeros, **kw)
-
-    def permute(self, x: jax.Array) -> jax.Array:
-        """The block's token order (its own inverse): identity, or reversed for odd blocks."""
-        return x[:, ::-1] if self.flip else x
-
-    def class_vector(self, y: jax.Array | None, batch: int) -> jax.Array:
-        """Class embedding per example; a label ``< 0`` or ``None`` takes the mean of the rows."""
-        mean = jnp.mean(self.class_embed, axis=0)
-        if y is None:
-            return jnp.broadcast_to(mean, (batch, self.channels))
-        rows = self.class_embed[jnp.maximum(y, 0)]
-        return jnp.where((y >= 0)[:, None], rows, mean)
-
-    def predict(self, xp: jax.Array, y: jax.Array | None, temp: jax.Array,
-                cache: Cache | None = None, pos: jax.Array | int = 0
-                ) -> tuple[jax.Array, jax.Array, Cache | None]:
-        """Flow parameters from permuted tokens ``xp (B,S,D)`` at positions ``pos..pos+S-1``.
-
-        Returns float32 ``(a, b)`` where row ``s`` is the log-scale and shift of token
-        ``pos+s+1`` (unshifted), and the updated cache.
-        """
-        s = xp.shape[1]
-        pos_table = self.pos_embed[::-1] if self.flip else self.pos_embed
-        pos_rows = jax.lax.dynamic_slice_in_dim(pos_table, pos, s, axis=0)
-        h = self.proj_in(xp.astype(self.dtype)) + pos_rows.astype(self.dtype)
-        if self.num_classes:
-            h = h + self.class_vector(y, xp.shape[0])[:, None].astype(self.dtype)
-        h, cache = self.transformer(h, cache, pos, temp)
-        out = self.proj_out(h).astype(jnp.float32)
-        if self.nvp:
-            a, b = jnp.split(out, 2, axis=-1)
-        else:
-            a, b = jnp.zeros_like(out), out
-        return a, b, cache
-
-    def __call__(self, x: jax.Array, y: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Forward map on tokens ``x (B,T,D)``: returns ``z`` and the block's total log|det| ``(B,)``."""
-        xp = self.permute(x)
-        temp = jnp.ones((x.shape[0],), jnp.float32)
-        a, b, _ = self.predict(xp, y, temp)
-        shift = lambda u: jnp.pad(u[:, :-1], ((0, 0), (1, 0), (0, 0)))
-        a, b = shift(a), shift(b)
-        z = (xp.astype(jnp.float32) - b) * jnp.exp(-a)
-        return self.permute(z), -jnp.sum(a, axis=(1, 2))
-
-
-class TarFlow(nn.Module):
-    """TarFlow: ``num_blocks`` autoregressive Transformer flow blocks over image patches.
-
-    ``apply(variables, x, y)`` maps images to ``(z, logdet)`` (``z`` NHWC, ``logdet`` the
-    total log|det| in nats per example); ``method=TarFlow.reverse`` samples. Parameters
-    are float32 (``param_dtype``); ``dtype`` is the matmul compute type (``bfloat16``
-    allowed), with LayerNorm, softmax and the flow's affine maps in float32.
-    The volume-preserving variant (``nvp=False``) keeps its prior variance in the
-    ``prior`` collection (``variables["prior"]["var"]``, token layout ``(T, D)``).
-    """
-
-    img_size: int
-    in_channels: int = 3
-    patch_size: int = 2
-    channels: int = 768
-    num_blocks: int = 8
-    layers_per_block: int = 8
-    num_classes: int = 0
-    nvp: bool = True
-    head_dim: int = 64
-    expansion: int = 4
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat: bool = False
-
-    def __post_init__(self):
-        checks = [
-            (self.img_size > 0 and self.patch_size > 0 and self.img_size % self.patch_size == 0,
-             f"img_size={self.img_size} must be a positive multiple of patch_size={self.patch_size}"),
-            (self.channels > 0 and self.head_dim > 0 and self.channels % self.head_dim == 0,
-             f"channels={self.channels} must be a positive multiple of head_dim={self.head_dim}"),
-            (self.in_channels > 0, f"in_channels={self.in_channels} must be positive"),
-            (self.num_blocks > 0 and self.layers_per_block > 0,
-             f"num_blocks={self.num_blocks} and layers_per_block={self.layers_per_block} must be positive"),
-            (self.num_classes >= 0, f"num_classes={self.num_classes} must be >= 0 (0: unconditional)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        super().__post_init__()
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
-
-    @property
-    def token_dim(self) -> int:
-        return self.in_channels * self.patch_size ** 2
-
-    @property
-    def num_dims(self) -> int:
-        """``N = H·W·C``, the dimension of one image."""
-        return self.img_size * self.img_size * self.in_channels
-
-    def block(self, k: int, name: str | None = None, parent: Any = nn.module._unspecified_parent
-              ) -> MetaBlock:
-        """Flow block ``k``: a submodule from ``setup``, or unbound with ``parent=None``."""
-        return MetaBlock(
-            num_tokens=self.num_tokens, token_dim=self.token_dim, channels=self.channels,
-            num_layers=self.layers_per_block, flip=bool(k % 2), head_dim=self.head_dim,
-            expansion=self.expansion, nvp=self.nvp, num_classes=self.num_classes,
-            scan_layers=self.scan_layers, remat=self.remat, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name, parent=parent)
-
-    def setup(self):
         self.blocks = [self.block(k, name=f"blocks_{k}") for k in range(self.num_blocks)]
         if self.is_initializing():  # the prior variance table; optional at apply time (ones)
             self.variable("prior", "var", jnp.ones, (self.num_tokens, self.token_dim), jnp.float32)
@@ -387,11 +259,11 @@ class TarFlow(nn.Module):
         if self.has_variable("prior", "var"):
             x = x * jnp.sqrt(self.get_variable("prior", "var"))
         params = self.variables["params"]
+        cache_shape = (self.layers_per_block, self.channels // self.head_dim, self.head_dim)
         for k in reversed(range(self.num_blocks)):
             blk = self.block(k, parent=None)
             predict = functools.partial(blk.apply, {"params": params[f"blocks_{k}"]},
                                         method=MetaBlock.predict)
-            cache_shape = (self.layers_per_block, self.channels // self.head_dim, self.head_dim)
             xp = blk.permute(x)
             if solver == "cached":
                 xp = sampling.invert_cached(predict, xp, y, guide, cache_shape, self.dtype)

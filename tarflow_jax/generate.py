@@ -1,9 +1,13 @@
-"""Sampling at scale: N images in batches, data-parallel over devices, NaNs counted (and redrawn)."""
+"""Sampling at scale: N images in batches, data-parallel over devices, NaNs counted (and redrawn).
+
+Every device runs its own cached inverse on its slice of a batch (``jax.shard_map`` via
+:func:`tarflow_jax.sharding.per_device`), with the parameters gathered whole onto each
+device once per batch; the token loop has no collectives. The latents are drawn for the
+whole batch before it is split, so a batch's images do not depend on the mesh.
+"""
 
 from __future__ import annotations
 
-import functools
-import io
 from typing import Any
 
 import jax
@@ -14,7 +18,51 @@ from absl import logging
 
 from tarflow_jax import checkpointing, sharding
 from tarflow_jax.flow import TarFlow
-from tarflow_jax.train import image_grid, sample, to_uint8
+from tarflow_jax.train import image_grid, to_uint8
+
+
+def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                      denoise: bool = False):
+    """``draw(variables, rng, labels=None)``: images in ``[-1, 1]`` sampled data-parallel on ``mesh``.
+
+    The same images as :func:`tarflow_jax.train.sample` (same latents from ``rng``; batch
+    ``labels.shape[0]``, or ``config.sample.batch_size`` for unconditional models), but
+    each device inverts only its slice of the batch, with the parameters (FSDP- or
+    tensor-sharded ones included) gathered onto every device. Any batch size works
+    (padded to a multiple of the device count). The result is replicated on every device,
+    so every process can read it (``jax.device_get``) in multi-host runs.
+    """
+    s = config.sample
+    shape = (model.img_size, model.img_size, model.in_channels)
+
+    def invert(variables, z, labels):
+        x = model.apply(variables, z, labels, guidance=s.guidance, guide_what=s.guide_what,
+                        attn_temp=s.attn_temp, annealed_guidance=s.annealed_guidance,
+                        solver=s.solver, method=TarFlow.reverse)
+        if denoise:
+            clean = model.apply(variables, x, labels, config.noise_std, s.denoise_scale,
+                                method=TarFlow.denoise)
+            x = jnp.where(jnp.isfinite(clean), clean, x)
+        return x
+
+    invert_per_device = sharding.per_device(invert, mesh, num_replicated=1)
+
+    def draw(variables, rng, labels):
+        batch = s.batch_size if labels is None else labels.shape[0]
+        z = jax.random.normal(rng, (batch, *shape))  # as in train.sample: mesh-independent
+        return invert_per_device(variables, z, labels)
+
+    jitted = jax.jit(draw, out_shardings=sharding.replicated(mesh))
+
+    def call(variables: Any, rng: jax.Array, labels: Any = None) -> jax.Array:
+        # Key and labels (the same on every process) enter replicated over the whole mesh.
+        if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+            rng = jax.random.key_data(rng)
+        host = lambda a: jax.device_put(np.asarray(jax.device_get(a)), sharding.replicated(mesh))
+        labels = None if labels is None else host(np.asarray(jax.device_get(labels), np.int32))
+        return jitted(sharding.put_on_mesh(variables, mesh), host(rng), labels)
+
+    return call
 
 
 def generate(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
@@ -31,10 +79,9 @@ def generate(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
     """
     s = config.sample
     batch = s.batch_size
-    ways = sharding.data_parallel_size(mesh)
-    if batch % ways:
-        raise ValueError(f"config.sample.batch_size={batch} is not divisible by the {ways} "
-                         f"data-parallel devices")
+    if batch % mesh.size:
+        logging.warning("config.sample.batch_size=%d is not a multiple of the %d devices; each "
+                        "batch is padded to %d", batch, mesh.size, batch + (-batch % mesh.size))
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
     rng = np.random.default_rng(seed)
@@ -50,8 +97,7 @@ def generate(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
     elif labels is not None:
         raise ValueError("labels were given for an unconditional model (num_classes=0)")
     denoise = (s.denoise if denoise is None else denoise) and config.noise == "gaussian"
-    draw = jax.jit(functools.partial(sample, model=model, config=config, denoise=denoise),
-                   out_shardings=sharding.batch_sharding(mesh))
+    draw = sharded_sample_fn(model, config, mesh, denoise=denoise)
     out_images, out_labels, num_nan = [], [], 0
     pending = np.arange(num_samples)  # indices still to draw
     key = jax.random.PRNGKey(seed)
@@ -86,13 +132,18 @@ def generate(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
 
 def write_samples(workdir: str, result: dict[str, Any], name: str = "samples", grid_size: int = 64
                   ) -> tuple[str, str]:
-    """Writes ``samples/<name>.npz`` (uint8 ``arr_0``/``images`` and ``labels``) and a PNG grid."""
+    """Writes ``samples/<name>.npz`` (uint8 ``arr_0``, the key FID tools read, and ``labels``) and a PNG grid.
+
+    The ``.npz`` is streamed to a temporary file and renamed, so memory stays at one copy.
+    """
     out = checkpointing.workdir_path(workdir) / "samples"
-    arrays = {"arr_0": result["images"], "images": result["images"]}
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"arr_0": result["images"]}
     if "labels" in result:
         arrays["labels"] = result["labels"]
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    checkpointing.write_atomic(out / f"{name}.npz", buffer.getvalue())
+    tmp = out / f".{name}.npz.tmp"
+    with tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(out / f"{name}.npz")
     checkpointing.write_png(out / f"{name}.png", image_grid(result["images"][:grid_size]))
     return str(out / f"{name}.npz"), str(out / f"{name}.png")

@@ -4,10 +4,20 @@ Every layer runs in one of two modes with the same parameters:
 
 * full sequence (``cache=None``): causal self-attention over all tokens, used by the
   likelihood pass and training;
-* chunk at an offset (``cache`` given): the chunk's keys/values are written into a
-  preallocated cache at ``pos`` with ``lax.dynamic_update_slice`` and the chunk attends
-  to every cached token up to its own position. One token at a time is the cached
-  sequential inverse; a longer chunk is one Gauss-Seidel-Jacobi segment.
+* chunk at an offset (``cache`` given): the chunk's keys/values are written into the
+  layer's slot of a preallocated cache at ``pos`` with ``lax.dynamic_update_slice`` and
+  the chunk attends to every cached token up to its own position. One token at a time is
+  the cached sequential inverse; a longer chunk is one Gauss-Seidel-Jacobi segment.
+
+The cache holds one ``(B, H, T, hd)`` key buffer and one value buffer per layer (a tuple
+over layers, not one stacked array), and each layer writes only its new ``(B, H, S, hd)``
+chunk, in place. Separate buffers matter on the sampling hot path: an earlier version kept
+an ``(L, B, T, H, hd)`` stack, sliced out each layer's cache and stacked the updated ones
+again (or returned them as ``nn.scan``'s stacked outputs), which made XLA copy and re-zero
+the whole cache on every token step; even slicing a layer out of a stack for attention
+copies it. With a cache, a scanned stack therefore runs its layers as a Python loop over
+the stacked parameters (see :class:`LayerStack`). Heads before tokens make both attention
+products batched over ``(B, H)`` without transposing the cache.
 
 Parameters carry logical axis names (``embed``, ``heads``, ``head_dim``, ``mlp``) that
 ``tarflow_jax.sharding`` maps onto a device mesh.
@@ -23,8 +33,16 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-# The key/value cache of a layer stack: {"k": (L, B, T, H, hd), "v": (L, B, T, H, hd)}.
-Cache = dict[str, jax.Array]
+# The key/value cache of one layer: {"k": (B, H, T, hd), "v": (B, H, T, hd)}; of a layer
+# stack: the same keys holding tuples with one such buffer per layer.
+Cache = dict[str, Any]
+
+
+def init_cache(num_layers: int, batch: int, num_tokens: int, heads: int, head_dim: int,
+               dtype: Dtype) -> Cache:
+    """A zero key/value cache for a stack of ``num_layers`` layers: per key, a tuple of ``(B, H, T, hd)`` buffers."""
+    shape = (batch, heads, num_tokens, head_dim)
+    return {n: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for n in ("k", "v")}
 
 
 def torch_linear_init(fan_in: int) -> Callable[..., jax.Array]:
@@ -85,6 +103,7 @@ class TransformerLayer(nn.Module):
         """Applies the layer to ``h (B,S,W)`` at token offset ``pos``; returns ``(h, cache)``.
 
         ``temp (B,)`` divides each example's attention logits (attention-temperature guidance).
+        ``cache`` is this layer's ``{"k", "v"}`` buffers ``(B, H, T, hd)``.
         """
         w, hd = self.channels, self.head_dim
         heads = w // hd
@@ -99,12 +118,8 @@ class TransformerLayer(nn.Module):
         if cache is None:
             out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
         else:
-            k_all = lax_update(cache["k"], k, pos)
-            v_all = lax_update(cache["v"], v, pos)
-            cache = {"k": k_all, "v": v_all}
-            s, t = q.shape[1], k_all.shape[1]
-            visible = jnp.arange(t)[None, :] <= (pos + jnp.arange(s))[:, None]  # (S, T)
-            out = jax.nn.dot_product_attention(q, k_all, v_all, scale=scale, mask=visible[None, None])
+            cache = {"k": cache_write(cache["k"], k, pos), "v": cache_write(cache["v"], v, pos)}
+            out = cached_attention(q, cache["k"], cache["v"], pos, scale)
         h = h + dense(w, w, ("heads", "head_dim", "embed"), axis=(-2, -1), name="attn_out", **kw)(out)
         h = constrain_activations(h)
 
@@ -115,10 +130,52 @@ class TransformerLayer(nn.Module):
         return constrain_activations(h), cache
 
 
-def lax_update(buffer: jax.Array, chunk: jax.Array, pos: jax.Array) -> jax.Array:
-    """Writes ``chunk (B,S,...)`` into ``buffer (B,T,...)`` at token offset ``pos``."""
-    start = (0, pos) + (0,) * (buffer.ndim - 2)
-    return jax.lax.dynamic_update_slice(buffer, chunk.astype(buffer.dtype), start)
+def cache_write(buffer: jax.Array, chunk: jax.Array, pos: jax.Array | int) -> jax.Array:
+    """Writes ``chunk (B,S,H,hd)`` into ``buffer (B,H,T,hd)`` at tokens ``pos..pos+S-1`` (in place)."""
+    update = jnp.swapaxes(chunk, 1, 2).astype(buffer.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(buffer, update, (zero, zero, jnp.asarray(pos, jnp.int32), zero))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array | int, scale: float
+                     ) -> jax.Array:
+    """Attention of queries ``q (B,S,H,hd)`` at positions ``pos..pos+S-1`` to a cache ``k, v (B,H,T,hd)``.
+
+    Keys after a query's own position are masked; the same computation as the XLA path of
+    ``jax.nn.dot_product_attention`` (float32 logits and softmax, the same large negative
+    fill), laid out so both products are batched over ``(B, H)`` with no cache transpose.
+    """
+    s, t = q.shape[1], k.shape[2]
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bshd,bhtd->bhst", q, k, preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(scale, logits_dtype)
+    visible = jnp.arange(t)[None, :] <= (pos + jnp.arange(s))[:, None]  # (S, T)
+    logits = jnp.where(visible, logits, 0.7 * jnp.finfo(logits_dtype).min)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    return jnp.einsum("bhst,bhtd->bshd", probs, v)
+
+
+def unstack_layers(params: Any) -> Any:
+    """Parameters of scanned stacks (``layers/...``, stacked on axis 0) as unrolled stacks' (``layers_<i>/...``).
+
+    Works on any parameter subtree (a block's, the whole model's); other entries pass
+    through. Use it to run a ``scan_layers=True`` model's parameters through the same model
+    with ``scan_layers=False``: the samplers do this once per block, outside their token
+    loop, because XLA does not hoist the per-layer parameter slices out of a loop and would
+    otherwise copy every weight matrix on every token step.
+    """
+    if not isinstance(params, dict) and not hasattr(params, "items"):
+        return params
+    out = {}
+    for name, value in params.items():
+        if name == "layers" and hasattr(value, "items"):
+            stacked = nn.meta.unbox(value)
+            num = jax.tree.leaves(stacked)[0].shape[0]
+            for i in range(num):
+                out[f"layers_{i}"] = jax.tree.map(lambda p, i=i: p[i], stacked)
+        else:
+            out[name] = unstack_layers(value)
+    return out
 
 
 class LayerStack(nn.Module):
@@ -126,7 +183,13 @@ class LayerStack(nn.Module):
 
     With ``scan=True`` the parameters of all layers are stacked on a leading ``layers`` axis
     (parameter path ``layers/...``); otherwise each layer is ``layers_<i>/...``. The cache,
-    when given, always has the layer axis first.
+    when given, holds a tuple of per-layer buffers (see :func:`init_cache`). A scanned stack
+    given a cache runs its layers as a Python loop over slices of the stacked parameters
+    instead of ``nn.scan``, so that every layer updates its own buffer in place. That is
+    correct but, inside a sampler's token loop, slices (copies) every weight matrix on every
+    step; faster is to sample with ``scan=False`` and :func:`unstack_layers` parameters,
+    sliced once before the loop. Either way the sampler's compile time grows with depth;
+    the train step's does not.
     """
 
     channels: int
@@ -147,6 +210,8 @@ class LayerStack(nn.Module):
                                  prevent_cse=not self.scan)
         kw = dict(channels=self.channels, head_dim=self.head_dim, expansion=self.expansion,
                   dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.scan and cache is not None and not self.is_initializing():
+            return self._unrolled(h, cache, pos, temp, kw)
         if self.scan:
             scanned = nn.scan(
                 layer_cls,
@@ -157,9 +222,24 @@ class LayerStack(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             return scanned(name="layers", **kw)(h, cache, pos, temp)
+        new = {"k": [], "v": []}
         for i in range(self.num_layers):
-            layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+            layer_cache = None if cache is None else {n: cache[n][i] for n in new}
             h, layer_cache = layer_cls(name=f"layers_{i}", **kw)(h, layer_cache, pos, temp)
             if cache is not None:
-                cache = {n: cache[n].at[i].set(layer_cache[n]) for n in ("k", "v")}
-        return h, cache
+                for n in new:
+                    new[n].append(layer_cache[n])
+        return h, (None if cache is None else {n: tuple(new[n]) for n in new})
+
+    def _unrolled(self, h: jax.Array, cache: Cache, pos: jax.Array, temp: jax.Array,
+                  kw: dict[str, Any]) -> tuple[jax.Array, Cache]:
+        """The scanned stack's layers one by one on their parameter slices, each with its own cache."""
+        stacked = nn.meta.unbox(self.variables["params"]["layers"])
+        layer = TransformerLayer(**kw, parent=None)
+        new = {"k": [], "v": []}
+        for i in range(self.num_layers):
+            params = jax.tree.map(lambda p, i=i: p[i], stacked)
+            h, layer_cache = layer.apply({"params": params}, h, {n: cache[n][i] for n in new}, pos, temp)
+            for n in new:
+                new[n].append(layer_cache[n])
+        return h, {n: tuple(new[n]) for n in new}

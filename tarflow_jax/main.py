@@ -9,8 +9,10 @@ elsewhere pass ``--coordinator_address``, ``--num_processes`` and ``--process_id
 
 from __future__ import annotations
 
+import ast
 import logging as pylogging
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -78,6 +80,29 @@ class _QuietLibraries(pylogging.Filter):
             part in record.pathname for part in ("/orbax/", "/grain/", "/tensorstore/"))
 
 
+def apply_overrides(config, argv: list[str]):
+    """Applies ``--config.a.b=value`` arguments to ``config`` (values parsed like Python literals)."""
+    for arg in argv:
+        if not arg.startswith("--config.") or "=" not in arg:
+            continue
+        key, text = arg[len("--config."):].split("=", 1)
+        *parents, name = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if name not in node:
+            raise ValueError(f"--config.{key}: the run's config has no field {key!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        old = node[name]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        node[name] = value
+    return config
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -85,7 +110,8 @@ def main(argv):
         initialize_distributed()
     config = FLAGS.config
     if FLAGS.mode != "train" and not FLAGS["config"].present:
-        config = load_config(FLAGS.workdir)  # evaluate/sample with the run's own settings
+        # evaluate/sample with the run's own settings, plus any --config.x=v given
+        config = apply_overrides(load_config(FLAGS.workdir), sys.argv[1:])
     if FLAGS.mode == "train":
         state = train.train_and_evaluate(config, FLAGS.workdir)
         logging.info("finished at step %d", int(state.step))

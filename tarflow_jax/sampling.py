@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from tarflow_jax.layers import init_cache
+
 SOLVERS = ("cached", "jacobi", "uncached")
 JACOBI_INITS = ("z", "zeros")
 
@@ -124,8 +126,7 @@ def invert_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: G
     y2, temp = guide.branches(y, batch)
     layers, heads, head_dim = cache_shape
     rows = 2 * batch if guide.active else batch
-    buf = jnp.zeros((layers, rows, num_tokens, heads, head_dim), dtype)
-    cache = {"k": buf, "v": buf}
+    cache = init_cache(layers, rows, num_tokens, heads, head_dim, dtype)
 
     def step(t, carry):
         x, cache = carry
@@ -173,8 +174,7 @@ def invert_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: G
     y2, temp = guide.branches(y, batch)
     layers, heads, head_dim = cache_shape
     rows = 2 * batch if guide.active else batch
-    buf = jnp.zeros((layers, rows, num_tokens, heads, head_dim), dtype)
-    cache = {"k": buf, "v": buf}
+    cache = init_cache(layers, rows, num_tokens, heads, head_dim, dtype)
     x = zp if init == "z" else zp.at[:, 1:].set(0.0)
     bounds = [round(i * (num_tokens - 1) / num_segments) for i in range(num_segments + 1)]
     iterations = []

@@ -5,15 +5,22 @@ across slices/hosts over the data-centre network (size 1 on a single slice), ``d
 data parallelism inside a slice, ``fsdp`` shards the large matrices (and the batch),
 ``tensor`` splits attention heads and the MLP hidden dimension. One table of rules maps
 the model's logical axis names onto these axes; 1-D parameters are replicated.
+
+Training and the likelihood pass are partitioned by XLA (GSPMD) from these shardings.
+Sampling (a loop over tokens) and the evaluation forward pass instead run per device
+with ``shard_map`` (:func:`per_device`): the parameters are gathered once to every
+device, each device works on its own slice of the batch, and nothing inside the loop
+communicates.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -99,3 +106,56 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def put_on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` with every array that is not laid out on ``mesh``'s devices copied to all of them.
+
+    Host (NumPy) arrays and arrays committed to other devices (e.g. the single-device
+    arrays of ``checkpointing.load``) become replicated on ``mesh``; arrays already on the
+    mesh's devices keep their sharding.
+    """
+    devices = set(mesh.devices.flat)
+    everywhere = replicated(mesh)
+
+    def put(a):
+        if isinstance(a, jax.Array) and a.sharding.device_set == devices:
+            return a
+        return jax.device_put(a, everywhere)
+
+    return jax.tree.map(put, tree)
+
+
+def per_device(fn: Callable[..., Any], mesh: Mesh, num_replicated: int = 1) -> Callable[..., Any]:
+    """``fn(*replicated, *batched)`` run by every device of ``mesh`` on its own slice of the batch.
+
+    The first ``num_replicated`` arguments (e.g. the variables; any sharding, FSDP/tensor
+    included) are gathered whole onto every device; the remaining arguments are pytrees
+    of arrays (or ``None``) with a common leading batch axis, split over *all* mesh axes
+    (``tensor`` too: each device gets different examples). The batch is padded to a
+    multiple of ``mesh.size`` and the padding rows are dropped from the outputs, so any
+    batch size works. ``fn`` returns a pytree of arrays with the batch axis first; it runs
+    under ``jax.shard_map`` with no collectives (logical sharding constraints are switched
+    off inside). Call the result inside ``jax.jit``; its outputs are global arrays.
+    """
+    spec = PartitionSpec(MESH_AXES)
+
+    def local(*args):
+        with nn.logical_axis_rules(()):  # per-device code: no sharding constraints inside
+            return fn(*args)
+
+    def wrapped(*args):
+        replicated_args, batched = args[:num_replicated], args[num_replicated:]
+        leaves = jax.tree.leaves(batched)
+        if not leaves:
+            raise ValueError("per_device needs at least one batched array argument")
+        size = leaves[0].shape[0]
+        pad = -size % mesh.size
+        batched = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), batched)
+        replicated_args = jax.lax.with_sharding_constraint(replicated_args, replicated(mesh))
+        out = jax.shard_map(local, mesh=mesh,
+                            in_specs=(PartitionSpec(),) * num_replicated + (spec,) * len(batched),
+                            out_specs=spec, check_vma=False)(*replicated_args, *batched)
+        return jax.tree.map(lambda a: a[:size], out)
+
+    return wrapped

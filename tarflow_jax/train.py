@@ -280,8 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             state = checkpointing.restore(manager, state, train_iter)
             logging.info("Resumed from step %d in %s", int(state.step), workdir)
         else:
-            parameter_overview.log_parameter_overview(state.params)
             writer.write_hparams({k: v for k, v in flatten_config(config).items()})
+        # Shapes, mean/std and each array's PartitionSpec on the mesh (stats jitted: multi-host safe).
+        parameter_overview.log_parameter_overview(state.params, include_stats="global",
+                                                  jax_logging_process=0)
         initial_step = int(state.step)
 
         p_train_step = jax.jit(
@@ -289,8 +291,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,))
-        p_sample = jax.jit(functools.partial(sample, model=model, config=config),
-                           static_argnames=("denoise",))
+        from tarflow_jax import generate  # generate imports this module
+        p_sample = {denoise: generate.sharded_sample_fn(model, config, mesh, denoise=denoise)
+                    for denoise in (False, True)}  # each device samples its slice (shard_map)
         hooks = []
         if is_writer:
             hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
@@ -312,9 +315,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             labels = sample_labels(config, num)
             labels = None if labels is None else jnp.asarray(labels)
             rng = jax.random.PRNGKey(config.seed + 1)
-            grids = {"samples": p_sample(variables, rng, labels)}
+            grids = {"samples": p_sample[False](variables, rng, labels)}
             if config.noise == "gaussian":
-                grids["samples_denoised"] = p_sample(variables, rng, labels, denoise=True)
+                grids["samples_denoised"] = p_sample[True](variables, rng, labels)
             for name, images in grids.items():
                 grid = image_grid(to_uint8(jax.device_get(images)))
                 writer.write_images(step, {name: grid[None]})

@@ -105,14 +105,15 @@ def test_load_trained_flow(digits_run):
 
 def test_eval_and_sample_modes(digits_run):
     workdir, _ = digits_run
-    for mode in ("eval", "sample"):
+    for mode, extra in (("eval", []), ("sample", ["--config.sample.num_samples=3"])):
         result = subprocess.run([sys.executable, "-m", "tarflow_jax.main", f"--workdir={workdir}",
-                                 f"--mode={mode}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                                 f"--mode={mode}", *extra], cwd=ROOT, capture_output=True, text=True,
+                                timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((workdir / "eval_bpd_00000003.json").read_text())
     assert record["num_examples"] == 297 and record["markdown_row"].startswith("| digits test")
     samples = np.load(workdir / "samples" / "samples_00000003.npz")
-    assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape == (4, 8, 8, 1)
+    assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape == (3, 8, 8, 1)  # the override applies
 
 
 def run_training(config, workdir):
