@@ -25,10 +25,11 @@ to ``num_levels`` with ``x * num_levels // L`` and, in training, a seeded random
 
 Training (``create_train_iterator``), with the ``grain.MapDataset`` API: one global
 stream ``source.shuffle(seed).repeat()`` (reshuffled every epoch, infinite), preprocessed,
-randomly flipped with an rng derived from ``(seed, global position)``; process ``p`` of
-``n`` takes the positions ``p, p + n, p + 2n, ...`` and batches ``config.batch_size // n``
-of them. So within every epoch the processes read disjoint records, and the k-th global
-batch (all processes together) is the same set of examples whatever ``n`` is. Batches are
+randomly flipped with an rng derived from ``(seed, global position)``; the k-th global
+batch is positions ``k·B .. (k+1)·B − 1`` and process ``p`` of ``n`` reads the ``p``-th
+contiguous chunk of ``B/n`` of them. So within every epoch the processes read disjoint
+records, and the global batch (all processes together) holds the same examples in the same
+order whatever ``n`` is. Batches are
 the same for any ``data_workers`` (workers split whole batches).
 
 Eval (``create_eval_iterator``): process ``p`` of ``n`` reads the strided records
@@ -328,7 +329,10 @@ def create_train_iterator(
     dataset = dataset.map(Preprocess(config))
     if config.dataset.get("random_flip", False):
         dataset = dataset.random_map(RandomFlip(), seed=seed)
-    dataset = dataset[index::count].batch(config.batch_size // count, drop_remainder=True)
+    # Chunks of `local` consecutive positions; process p takes chunk p of every global batch,
+    # so the assembled global batch has the rows of a one-process batch, in the same order.
+    local = config.batch_size // count
+    dataset = dataset.batch(local, drop_remainder=True)[index::count]
     return iter(_to_iter_dataset(dataset, config))
 
 
