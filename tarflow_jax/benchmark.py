@@ -29,9 +29,11 @@ model FLOP/s by ``--peak_tflops`` or the dense bf16 peak known for the device
 (:data:`PEAK_TFLOPS`; none on CPU).
 
 Memory: ``device.memory_stats()["peak_bytes_in_use"]`` where the backend has it (GPU,
-TPU; the process-wide peak so far, so later phases include earlier ones), and always
-XLA's ``compiled.memory_analysis()`` of the phase (arguments + outputs + temporaries −
-aliased, or its ``peak_memory_in_bytes``).
+TPU; the process-wide peak so far, so later phases include earlier ones; the table shows
+it as "(dev)"), and always XLA's ``compiled.memory_analysis()`` of the phase: the table's
+"(xla)" figure is arguments + outputs + temporaries − aliased (donated) bytes, an upper
+bound on what the executable holds. The JSON also keeps each part and XLA's
+``peak_memory_in_bytes`` (``xla_peak_bytes``; on CPU it only tracked the arguments).
 
 ``--compile_only`` lowers and compiles the train step from ``jax.ShapeDtypeStruct``s
 (no parameters allocated), e.g. the ImageNet-64 model on a laptop:
@@ -48,7 +50,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import statistics
@@ -61,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import configlib, sampling, train
+from tarflow_jax import configlib, sampling
 from tarflow_jax.flow import MetaBlock, TarFlow, patchify, unpatchify
 
 # Model sizes. ``small`` is the CPU reference; the paper sizes follow configs/*.py.
@@ -236,6 +237,7 @@ def _rate(model_flops: float, seconds: float, peak_tflops: float | None) -> dict
 
 # ------------------------------------------------------------------------ the phases
 def train_config(model: TarFlow, batch: int):
+    """A trainer config for ``model``: uniform dequantization, AdamW, no EMA, label drop 0.1 if conditional."""
     c = configlib.base_config()
     m = {f: getattr(model, f) for f in ("img_size", "in_channels", "patch_size", "channels", "num_blocks",
                                          "layers_per_block", "num_classes", "nvp", "head_dim", "expansion",
@@ -252,6 +254,8 @@ def train_config(model: TarFlow, batch: int):
 def bench_train(model: TarFlow, batch: int, steps: int, warmup: int, compile_only: bool = False,
                 seed: int = 0) -> dict[str, Any]:
     """Compile time, memory and (unless ``compile_only``) throughput of one jitted AdamW step."""
+    from tarflow_jax import train  # imports TensorFlow (input pipeline): only when timing training
+
     config = train_config(model, batch)
     tx, schedule = train.create_optimizer(config)
     init_fn = lambda r: nn.meta.unbox(train.init_state(r, model=model, tx=tx, config=config))
@@ -434,10 +438,12 @@ def torch_forward_model(model: TarFlow, seed: int = 0):
 
 
 def torch_compare(model: TarFlow, jax_call: Callable[[], Any], batch: int, steps: int, warmup: int,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, threads: int | None = None) -> dict[str, Any]:
     """Interleaved medians of the JAX forward pass and the PyTorch equivalent (same batch and shapes)."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     flow = torch_forward_model(model, seed)
     x = torch.rand(batch, model.img_size, model.img_size, model.in_channels) * 2 - 1
 
@@ -490,6 +496,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=0.0, help="sampling guidance weight (doubles the batch)")
     p.add_argument("--head_std", type=float, default=0.02, help="std of the randomised output heads")
     _bool_flag(p, "torch_compare", False, "time a PyTorch model of the same shapes (forward pass)")
+    p.add_argument("--torch_threads", type=int, default=None,
+                   help="torch.set_num_threads for --torch_compare (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -543,8 +551,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res["train"] = bench_train(model, args.batch, args.steps, args.warmup, args.compile_only, args.seed)
         _summarise(res["train"], args.batch, flops["train"], peak)
     if args.compile_only:
-        result["params"] = count_params(jax.eval_shape(
-            lambda: nn.meta.unbox(model.init(jax.random.key(0), *train._dummy_inputs(model)))["params"]))
+        x = jnp.zeros((1, model.img_size, model.img_size, model.in_channels))
+        y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+        result["params"] = count_params(jax.eval_shape(lambda: model.init(jax.random.key(0), x, y))["params"])
     else:
         variables = random_variables(model, args.seed, args.head_std)
         result["params"] = count_params(variables["params"])
@@ -554,7 +563,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             _summarise(res["forward"], args.batch, flops["forward"], peak)
             if args.torch_compare:
                 result["torch_compare"] = torch_compare(model, fwd_call, args.batch, args.steps, args.warmup,
-                                                        args.seed)
+                                                        args.seed, args.torch_threads)
         rows = 2 * args.batch if args.guidance > 0 else args.batch
         z, reference = None, None
         if "sample" in args.what or "jacobi" in args.what:
@@ -589,7 +598,7 @@ def _mib(entry: dict[str, Any]) -> str:
     mem = entry.get("memory", {})
     if mem.get("device_peak_bytes"):
         return f"{mem['device_peak_bytes'] / 2**20:.0f} (dev)"
-    xla = mem.get("xla_peak_bytes") or mem.get("xla_total_bytes")
+    xla = mem.get("xla_total_bytes")
     return "n/a" if xla is None else f"{xla / 2**20:.0f} (xla)"
 
 
@@ -599,7 +608,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"remat={result['remat']} params={result.get('params', 0) / 1e6:.2f}M device={result['device']['kind']} "
             f"peak={_fmt(result['peak_tflops'], '.0f')} TFLOP/s")
     lines = [head, "",
-             "| what | images/s | median s | compile s | peak MiB | model TFLOP/s | MFU | notes |",
+             "| what | images/s | median s | compile s | memory MiB | model TFLOP/s | MFU | notes |",
              "|---|---|---|---|---|---|---|---|"]
     for name, e in result["results"].items():
         notes = []

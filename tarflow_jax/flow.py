@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import sampling
-from tarflow_jax.layers import Cache, LayerStack, dense, torch_linear_init
+from tarflow_jax.layers import Cache, LayerStack, dense, unstack_layers
 
 Dtype = Any
 GUIDE_WHAT = ("a", "b", "ab")
@@ -262,8 +262,10 @@ class TarFlow(nn.Module):
         cache_shape = (self.layers_per_block, self.channels // self.head_dim, self.head_dim)
         for k in reversed(range(self.num_blocks)):
             blk = self.block(k, parent=None)
-            predict = functools.partial(blk.apply, {"params": params[f"blocks_{k}"]},
-                                        method=MetaBlock.predict)
+            block_params = params[f"blocks_{k}"]
+            if self.scan_layers:  # slice the stacked layers once here, not on every token step
+                blk, block_params = blk.clone(scan_layers=False), unstack_layers(block_params)
+            predict = functools.partial(blk.apply, {"params": block_params}, method=MetaBlock.predict)
             xp = blk.permute(x)
             if solver == "cached":
                 xp = sampling.invert_cached(predict, xp, y, guide, cache_shape, self.dtype)

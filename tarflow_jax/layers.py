@@ -5,7 +5,7 @@ Every layer runs in one of two modes with the same parameters:
 * full sequence (``cache=None``): causal self-attention over all tokens, used by the
   likelihood pass and training;
 * chunk at an offset (``cache`` given): the chunk's keys/values are written into the
-  layer's slot of a preallocated cache at ``pos`` with ``lax.dynamic_update_slice`` and
+  layer's preallocated cache buffers at ``pos`` with ``lax.dynamic_update_slice`` and
   the chunk attends to every cached token up to its own position. One token at a time is
   the cached sequential inverse; a longer chunk is one Gauss-Seidel-Jacobi segment.
 
