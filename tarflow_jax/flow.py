@@ -87,7 +87,7 @@ class MetaBlock(nn.Module):
         mean = jnp.mean(self.class_embed, axis=0)
         if y is None:
             return jnp.broadcast_to(mean, (batch, self.channels))
-        rows = self.class_embed[jnp.maximum(y, 0)]
+        rows = jnp.take(self.class_embed, jnp.maximum(y, 0), axis=0)  # also for numpy params
         return jnp.where((y >= 0)[:, None], rows, mean)
 
     def predict(self, xp: jax.Array, y: jax.Array | None, temp: jax.Array,

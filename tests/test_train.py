@@ -204,3 +204,23 @@ def test_sigterm_saves_before_exiting(tmp_path):
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) == 1 and 0 < steps[0] < 100000
     assert "after SIGTERM" in rest
+
+
+def test_jacobi_matches_cached_inverse_on_a_trained_digits_model(tmp_path):
+    config = get_config("digits")
+    config.num_train_steps = 150
+    config.model.update(channels=64, num_blocks=2, layers_per_block=1)
+    config.checkpoint_every_steps = 0
+    config.log_every_steps = 50
+    config.async_checkpointing = False
+    state = run_training(config, tmp_path)
+    assert float(checkpointing.load(str(tmp_path))[0].num_dims) == 64
+    model = train.create_model(config)
+    variables = state.variables()
+    z = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    y = jnp.array([0, 3, 5, 9])
+    kw = dict(guidance=1.0, annealed_guidance=True, method=TarFlow.reverse)
+    cached = model.apply(variables, z, y, **kw)
+    jacobi = model.apply(variables, z, y, solver="jacobi",
+                         jacobi=tarflow_jax.JacobiPlan(segments=2, tol=1e-6), **kw)
+    np.testing.assert_allclose(jacobi, cached, atol=1e-4)
