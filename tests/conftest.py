@@ -2,6 +2,13 @@
 
 import os
 import pathlib
+import sys
+
+# torch/torchvision import triton (a GPU kernel compiler) when present; loading its native
+# library into a process that already holds TensorFlow's segfaults on these machines, and
+# nothing on CPU needs it. A None entry makes `import triton` raise ImportError, which torch
+# treats as "no triton".
+sys.modules.setdefault("triton", None)
 
 import jax
 import jax.numpy as jnp
