@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tarflow_jax import cli
 from tarflow_jax.flow import TarFlow
 
 # Reference sub-module name inside one Transformer layer -> our module name.
@@ -460,30 +460,20 @@ def _define_flags(argv: Sequence[str]):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 conversion error, 2 usage error)."""
-    from absl import flags
-
     argv = list(sys.argv if argv is None else argv)
     prog = "python -m tarflow_jax.convert"
     fv = _define_flags(argv)
-    if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
-        print(_USAGE + "\nflags:\n" + fv.get_help(include_special_flags=False))
-        return 0
-    try:
-        rest = fv(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"{prog}: error: {_one_line(e)}\n\n{_USAGE}", file=sys.stderr)
-        return 2
+    rest = cli.parse_flags(fv, argv, prog, _USAGE)
+    if isinstance(rest, int):
+        return rest
     missing = [f"--{name}" for name in ("config", "torch_checkpoint", "out") if not fv[name].present]
-    if missing or len(rest) > 1:
-        what = f"missing {', '.join(missing)}" if missing else f"unexpected arguments {rest[1:]}"
-        print(f"{prog}: error: {what}\n\n{_USAGE}", file=sys.stderr)
+    if missing:
+        return cli.usage_error(prog, f"missing {', '.join(missing)}", _USAGE)
+    error = cli.config_load_error(fv, "model")
+    if error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    try:
-        config = fv.config
-        config.model  # noqa: B018 - an unreadable config file raises here
-    except Exception as e:  # noqa: BLE001 - report any failure to load the config file
-        print(f"{prog}: error: cannot load {fv['config'].serialize()}: {e}", file=sys.stderr)
-        return 2
+    config = fv.config
     try:
         summary = convert_checkpoint(fv.torch_checkpoint, config, fv.out)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
@@ -496,10 +486,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"-> {summary['checkpoint']}\n"
           f"next: python -m tarflow_jax.main --workdir={fv.out} --mode=sample")
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    return re.sub(r"\s+", " ", str(e)).strip()
 
 
 if __name__ == "__main__":

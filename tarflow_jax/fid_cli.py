@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 import zipfile
@@ -33,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from tarflow_jax import fid
+from tarflow_jax import cli, fid
 
 CHUNK = 500  # about this many images read and featurised per step (a multiple of --batch_size)
 _USAGE = """\
@@ -274,29 +273,16 @@ def run(fv) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 error, 2 usage error)."""
-    from absl import flags
-
     argv = list(sys.argv if argv is None else argv)
     prog = "python -m tarflow_jax.fid_cli"
     fv = _define_flags(argv)
-    if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
-        print(_USAGE + "\nflags:\n" + fv.get_help(include_special_flags=False))
-        return 0
-    try:
-        rest = fv(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = re.sub(r"\s+", " ", str(e)).strip()
-        print(f"{prog}: error: {message}\n\n{_USAGE}", file=sys.stderr)
+    rest = cli.parse_flags(fv, argv, prog, _USAGE)
+    if isinstance(rest, int):
+        return rest
+    error = cli.config_load_error(fv, "dataset") if fv["config"].present else None
+    if error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    if len(rest) > 1:
-        print(f"{prog}: error: unexpected arguments {rest[1:]}\n\n{_USAGE}", file=sys.stderr)
-        return 2
-    if fv["config"].present:
-        try:
-            fv.config.dataset  # noqa: B018 - an unreadable config file raises here
-        except Exception as e:  # noqa: BLE001
-            print(f"{prog}: error: cannot load {fv['config'].serialize()}: {e}", file=sys.stderr)
-            return 2
     try:
         print(run(fv))
     except (ValueError, KeyError, TypeError, FileNotFoundError, ImportError) as e:
