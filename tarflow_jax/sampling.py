@@ -115,6 +115,13 @@ def _double(x: jax.Array, guide: Guidance) -> jax.Array:
     return jnp.concatenate([x, x]) if guide.active else x
 
 
+def _empty_cache(guide: Guidance, batch: int, num_tokens: int, cache_shape: tuple[int, int, int],
+                 dtype: Any) -> Any:
+    """A zero key/value cache with a row per example of the (doubled, when guided) batch."""
+    layers, heads, head_dim = cache_shape
+    return init_cache(layers, 2 * batch if guide.active else batch, num_tokens, heads, head_dim, dtype)
+
+
 def invert_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
                   cache_shape: tuple[int, int, int], dtype: Any) -> jax.Array:
     """Exact sequential inverse of one block with a preallocated key/value cache.
@@ -124,9 +131,7 @@ def invert_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: G
     """
     batch, num_tokens, _ = zp.shape
     y2, temp = guide.branches(y, batch)
-    layers, heads, head_dim = cache_shape
-    rows = 2 * batch if guide.active else batch
-    cache = init_cache(layers, rows, num_tokens, heads, head_dim, dtype)
+    cache = _empty_cache(guide, batch, num_tokens, cache_shape, dtype)
 
     def step(t, carry):
         x, cache = carry
@@ -172,9 +177,7 @@ def invert_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: G
     batch, num_tokens, _ = zp.shape
     num_segments, max_iters = block_plan
     y2, temp = guide.branches(y, batch)
-    layers, heads, head_dim = cache_shape
-    rows = 2 * batch if guide.active else batch
-    cache = init_cache(layers, rows, num_tokens, heads, head_dim, dtype)
+    cache = _empty_cache(guide, batch, num_tokens, cache_shape, dtype)
     x = zp if init == "z" else zp.at[:, 1:].set(0.0)
     bounds = [round(i * (num_tokens - 1) / num_segments) for i in range(num_segments + 1)]
     iterations = []
