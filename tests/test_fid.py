@@ -9,6 +9,7 @@ from tarflow_jax import fid
 
 TORCH_REASON = "comparing with pytorch-fid needs torch, torchvision and pytorch-fid " \
                "(pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid==0.3.0)"
+FIDELITY_REASON = "comparing with torch-fidelity needs torch and torch-fidelity (pip install torch-fidelity==0.4.0)"
 
 
 def _stats(seed: int, n: int = 64, dim: int = 16, shift: float = 0.0):
@@ -93,6 +94,21 @@ def test_statistics_round_trip(tmp_path):
         assert loaded_mu.dtype == loaded_sigma.dtype == np.float64
 
 
+def test_statistics_record_protocol_and_refuse_a_mismatch(tmp_path):
+    mu, sigma = _stats(3)
+    fid.save_statistics(tmp_path / "tf.npz", mu, sigma, protocol="torch-fidelity")
+    assert fid.statistics_protocol(tmp_path / "tf.npz") == "torch-fidelity"
+    fid.load_statistics(tmp_path / "tf.npz", protocol="torch-fidelity")
+    with pytest.raises(ValueError, match="computed with protocol 'torch-fidelity'.*'pytorch-fid'"):
+        fid.load_statistics(tmp_path / "tf.npz", protocol="pytorch-fid")
+    fid.save_statistics(tmp_path / "untagged.npz", mu, sigma)
+    assert fid.statistics_protocol(tmp_path / "untagged.npz") is None
+    with pytest.warns(UserWarning, match="does not record its protocol"):
+        fid.load_statistics(tmp_path / "untagged.npz", protocol="pytorch-fid")
+    with pytest.raises(ValueError, match="unknown FID protocol"):
+        fid.save_statistics(tmp_path / "x.npz", mu, sigma, protocol="clean-fid")
+
+
 def test_statistics_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no FID statistics file.*save_statistics"):
         fid.load_statistics(tmp_path / "absent.npz")
@@ -107,7 +123,20 @@ def test_missing_weights_error_names_file_and_url(tmp_path):
     for path in (tmp_path / "nothing.pth", tmp_path):  # a file, and a folder without the file
         with pytest.raises(FileNotFoundError) as info:
             fid.load_inception_params(path)
-        assert fid.FID_WEIGHTS_FILE in str(info.value) and fid.FID_WEIGHTS_URL in str(info.value)
+        for name, url in fid.WEIGHTS.values():
+            assert name in str(info.value) and url in str(info.value)
+        with pytest.raises(FileNotFoundError) as info:
+            fid.load_inception_params(path, protocol="torch-fidelity")
+        assert fid.TORCH_FIDELITY_WEIGHTS_URL in str(info.value) and fid.FID_WEIGHTS_URL not in str(info.value)
+
+
+def test_weights_file_prefers_the_protocols_own_file(tmp_path):
+    for name, _ in fid.WEIGHTS.values():
+        (tmp_path / name).write_bytes(b"")
+    assert fid.weights_file(tmp_path, "pytorch-fid").endswith(fid.FID_WEIGHTS_FILE)
+    assert fid.weights_file(tmp_path, "torch-fidelity").endswith(fid.TORCH_FIDELITY_WEIGHTS_FILE)
+    (tmp_path / fid.TORCH_FIDELITY_WEIGHTS_FILE).unlink()  # the same network: the other file serves
+    assert fid.weights_file(tmp_path, "torch-fidelity").endswith(fid.FID_WEIGHTS_FILE)
 
 
 def test_wrong_state_dict_is_rejected():
@@ -127,6 +156,35 @@ def test_image_checks():
         fid.inception_features(None, ok.astype(np.int32))
 
 
+def test_torch_fidelity_input_truncates_floats_like_torchmetrics():
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 8, 8, 3), dtype=np.float32)
+    x.flat[:4] = [0.0, 1.0, 254.5 / 255, np.float32(3) / np.float32(255)]  # edges and a value just at a level
+    want = (torch.from_numpy(x) * 255).byte().numpy().astype(np.float32)  # torchmetrics, normalize=True
+    np.testing.assert_array_equal(fid.network_input(x, "torch-fidelity"), want)
+    levels = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(fid.network_input(levels, "torch-fidelity"), levels.astype(np.float32))
+    np.testing.assert_array_equal(fid.network_input(levels, "pytorch-fid"), levels / np.float32(255))
+    with pytest.raises(ValueError, match="unknown FID protocol"):
+        fid.network_input(levels, "clean-fid")
+
+
+def test_tf1_resize_matches_torch_fidelity():
+    torch = pytest.importorskip("torch", reason=FIDELITY_REASON)
+    compat = pytest.importorskip("torch_fidelity.interpolate_compat_tensorflow", reason=FIDELITY_REASON)
+    rng = np.random.default_rng(0)
+    for shape in ((8, 8), (37, 53), (64, 64), (400, 512)):  # up, up, up, down (no antialiasing)
+        x = rng.integers(0, 256, (1, 3, *shape)).astype(np.float32)
+        want = compat.interpolate_bilinear_2d_like_tensorflow1x(
+            torch.from_numpy(x), size=(299, 299), align_corners=False).permute(0, 2, 3, 1).numpy()
+        got = np.asarray(fid.resize_bilinear_tf1(x.transpose(0, 2, 3, 1)))
+        # Same grid and operation order: equal up to rounding of the last bit (values 0..255).
+        assert np.abs(got - want).max() <= 255 * 1e-6, (shape, np.abs(got - want).max())
+        other = np.asarray(fid.resize_bilinear(x.transpose(0, 2, 3, 1)))
+        assert np.abs(other - want).max() > 1.0  # the two protocols' resizes really differ
+
+
 def test_resize_matches_torch_interpolate():
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     rng = np.random.default_rng(0)
@@ -142,7 +200,11 @@ def test_resize_matches_torch_interpolate():
 
 
 def _random_pytorch_fid_network():
-    """pytorch-fid's ``InceptionV3([3])`` with random weights and BatchNorm statistics (no download)."""
+    """pytorch-fid's ``InceptionV3([3])`` with random weights and BatchNorm statistics (no download).
+
+    Returns ``(torch, model, state)``; ``state`` is the random state dict, whose names also fit
+    torch-fidelity's ``FeatureExtractorInceptionV3``.
+    """
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
     pytest.importorskip("torchvision", reason=TORCH_REASON)
     inception = pytest.importorskip("pytorch_fid.inception", reason=TORCH_REASON)
@@ -178,7 +240,7 @@ def _random_pytorch_fid_network():
 def test_features_match_pytorch_fid(tmp_path):
     torch, model, state = _random_pytorch_fid_network()
     torch.save(state, tmp_path / fid.FID_WEIGHTS_FILE)
-    variables = fid.load_inception_params(tmp_path)  # the folder holding the .pth file
+    variables = fid.load_inception_params(tmp_path, protocol="pytorch-fid")  # the folder holding the .pth
     from_mapping = fid.load_inception_params(state)
     jax.tree.map(np.testing.assert_array_equal, variables, from_mapping)
 
@@ -186,13 +248,48 @@ def test_features_match_pytorch_fid(tmp_path):
     with torch.no_grad():
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         want = model(x)[0][:, :, 0, 0].numpy()
-    got = fid.inception_features(variables, images, batch_size=2)
+    got = fid.inception_features(variables, images, batch_size=2, protocol="pytorch-fid")
     assert got.shape == (2, fid.FEATURE_DIM) and got.dtype == np.float32
     scale = np.abs(want).max()
     # measured on CPU (jax 0.10.2, torch 2.14.1): max |diff| 2.4e-6 at a feature scale of 5.8 (4e-7 relative)
     assert np.abs(got - want).max() <= 1e-5 * scale, (np.abs(got - want).max(), scale)
-    float_input = fid.inception_features(variables, images.astype(np.float32) / 255.0, batch_size=2)
+    float_input = fid.inception_features(variables, images.astype(np.float32) / 255.0, batch_size=2,
+                                         protocol="pytorch-fid")
     np.testing.assert_allclose(float_input, got, rtol=0, atol=1e-6 * scale)
+
+
+def _random_torch_fidelity_network(tmp_path):
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (FID features) with the same random weights."""
+    torch, _, state = _random_pytorch_fid_network()
+    extractor = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3", reason=FIDELITY_REASON)
+    path = tmp_path / fid.TORCH_FIDELITY_WEIGHTS_FILE
+    torch.save(state, path)
+    net = extractor.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                feature_extractor_weights_path=str(path))
+    return torch, net.eval(), state
+
+
+def test_features_match_torch_fidelity(tmp_path):
+    torch, net, state = _random_torch_fidelity_network(tmp_path)
+    variables = fid.load_inception_params(tmp_path, protocol="torch-fidelity")
+    rng = np.random.default_rng(1)
+    for size in (32, 64):  # both upsampled to 299 by the TF1 resize
+        images = rng.integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
+        with torch.no_grad():
+            want = net(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())[0].numpy()
+        got = fid.inception_features(variables, images, batch_size=2)  # the default protocol
+        scale = np.abs(want).max()
+        assert got.shape == (2, fid.FEATURE_DIM) and got.dtype == np.float32
+        assert np.abs(got - want).max() <= 1e-5 * scale, (size, np.abs(got - want).max(), scale)
+        # The other protocol on the same images and weights gives clearly different features.
+        other = fid.inception_features(variables, images, batch_size=2, protocol="pytorch-fid")
+        assert np.abs(other - want).max() > 1e-3 * scale
+    # Float samples in [0, 1] go through torchmetrics' truncation to uint8 first.
+    floats = rng.random((2, 32, 32, 3), dtype=np.float32)
+    with torch.no_grad():
+        want = net((torch.from_numpy(floats).permute(0, 3, 1, 2) * 255).byte())[0].numpy()
+    got = fid.inception_features(variables, floats, batch_size=2)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 # ------------------------------------------------------------------------- end to end
@@ -224,7 +321,7 @@ def test_fid_end_to_end(tmp_path):
                                rtol=1e-5, atol=1e-6 * np.abs(feats_a).max())
 
     stats_a = fid.compute_statistics(feats_a)
-    fid.save_statistics(tmp_path / "a.npz", *stats_a)
+    fid.save_statistics(tmp_path / "a.npz", *stats_a, protocol=fid.DEFAULT_PROTOCOL)
     between = fid.fid(set_b, tmp_path / "a.npz", variables, batch_size=2)
     scale = np.trace(stats_a[1]) + stats_a[0] @ stats_a[0]
     assert np.isfinite(between) and between > 1e-3 * scale
