@@ -16,11 +16,16 @@ Sources (``config.dataset.name``):
 * ``"tfds"``: ``config.dataset.tfds_name`` read through ``builder.as_data_source``
   (random access, needs the dataset prepared in ArrayRecord format, no TF graph).
 * ``"folder"``: ``<data_dir>/<split>/<class_name>/*.png|jpg|jpeg``; classes sorted
-  alphabetically give the label ids.
+  alphabetically give the label ids. A missing split names the splits the folder has.
+* ``"imagenet_official"``: image-net.org's box-downsampled "Imagenet64x64" (or 32x32)
+  files in ``data_dir``: pickles ``train_data_batch_1`` … ``train_data_batch_10`` and
+  ``val_data`` (splits ``"train"`` and ``"val"``; ``.npz`` versions of the same files work
+  too). Labels 1..1000 in the files become 0..999. See :class:`ImageNetOfficialSource`.
 
 Per-example processing: convert to RGB or L (``config.dataset.channels``), optionally
-resize the shorter side to ``image_size`` with PIL bicubic resampling (antialiased
-when downscaling) then center crop, requantize the source levels L (256; 17 for digits)
+resize the shorter side to ``image_size`` with PIL bilinear resampling (antialiased
+when downscaling) then center crop (torchvision's ``Resize`` + ``CenterCrop``, as the
+reference), requantize the source levels L (256; 17 for digits)
 to ``num_levels`` with ``x * num_levels // L`` and, in training, a seeded random flip.
 
 Training (``create_train_iterator``), with the ``grain.MapDataset`` API: one global
@@ -56,8 +61,11 @@ flags: run under ``absl.app.run`` or call ``absl.flags.FLAGS.mark_as_parsed()`` 
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pathlib
+import pickle
 from typing import Any
 
 import grain
@@ -69,7 +77,7 @@ from PIL import Image
 DIGITS_NUM_TRAIN = 1500
 DIGITS_SPLIT_SEED = 0
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-RESAMPLE = Image.Resampling.BICUBIC
+RESAMPLE = Image.Resampling.BILINEAR  # torchvision's Resize default on PIL images, as the reference
 READ_THREADS = 8  # threads computing batches per process (PIL and TFDS decoding release the GIL)
 
 
@@ -101,15 +109,30 @@ class DigitsSource:
         return f"DigitsSource(split={self.split!r})"
 
 
+def _folder_splits(root: pathlib.Path) -> list[str]:
+    """Sub-folders of ``root`` that look like splits (they hold class folders)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(c.is_dir() for c in p.iterdir()))
+
+
 class ImageFolderSource:
-    """Images under ``<root>/<split>/<class_name>/``, decoded with PIL to RGB or L."""
+    """Images under ``<root>/<split>/<class_name>/``, decoded with PIL to RGB or L.
+
+    Raises:
+      FileNotFoundError: the split folder is missing (the message lists the splits that
+        ``root`` has, e.g. AFHQ's ``train`` and ``val``) or holds no images.
+    """
 
     def __init__(self, root: str | os.PathLike, split: str, channels: int):
         self.path = pathlib.Path(root) / split
         self.mode = "L" if channels == 1 else "RGB"
         layout = f"expected layout: {self.path}/<class_name>/*{{{','.join(IMAGE_EXTENSIONS)}}}"
         if not self.path.is_dir():
-            raise FileNotFoundError(f"image folder {self.path} does not exist; {layout}")
+            found = _folder_splits(pathlib.Path(root))
+            has = (f"{root} has the splits {found}; set config.dataset.train_split / eval_split to one "
+                   "of them" if found else f"{root} has no split folders")
+            raise FileNotFoundError(f"image folder {self.path} (split {split!r}) does not exist: {has}; {layout}")
         self.classes = sorted(p.name for p in self.path.iterdir() if p.is_dir())
         self._files = [
             (str(f), label)
@@ -131,6 +154,161 @@ class ImageFolderSource:
 
     def __repr__(self) -> str:
         return f"ImageFolderSource(path={str(self.path)!r}, mode={self.mode!r}, n={len(self)})"
+
+
+# image-net.org's downsampled ImageNet ("Imagenet64x64", Chrabaszcz et al. 2017): file names per split.
+OFFICIAL_FILES = {"train": tuple(f"train_data_batch_{i}" for i in range(1, 11)), "val": ("val_data",)}
+OFFICIAL_ARCHIVES = {"train": "Imagenet64_train_part1.zip and Imagenet64_train_part2.zip (or their _npz.zip "
+                              "versions)",
+                     "val": "Imagenet64_val.zip (or Imagenet64_val_npz.zip)"}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, numbers, strings and NumPy arrays (no arbitrary code)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "slice")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: not part of the Imagenet64x64 "
+                                     "format (a dict of NumPy arrays and lists)")
+
+
+def read_official_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One file of image-net.org's downsampled ImageNet: ``(images (N,S,S,3) uint8, labels (N,) int32)``.
+
+    The file is a pickle (or ``.npz``) of a dict with ``data``: uint8 rows of ``3·S²`` values
+    (the red plane, then green, then blue, each ``S×S`` in raster order) and ``labels``: the
+    classes 1..1000. Returned labels are 0-based (0..999).
+
+    Raises:
+      ValueError: the file is not in that format.
+    """
+    path = pathlib.Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            record = {k: f[k] for k in f.files}
+    else:
+        with path.open("rb") as f:
+            record = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: also Python 2 pickles
+        if isinstance(record, dict):
+            record = {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}
+    if not isinstance(record, dict) or "data" not in record or "labels" not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{path} is not an Imagenet64x64 file: expected a dict with 'data' and 'labels', got {keys}")
+    data = np.asarray(record["data"])
+    labels = np.asarray(record["labels"], np.int64)
+    size = int(round((data.shape[1] / 3) ** 0.5)) if data.ndim == 2 else 0
+    if data.ndim != 2 or data.dtype != np.uint8 or 3 * size * size != data.shape[1] or len(labels) != len(data):
+        raise ValueError(f"{path}: 'data' must be uint8 rows of 3·S² values with one label each; got "
+                         f"{data.dtype} {data.shape} and {labels.shape} labels")
+    if len(labels) and (labels.min() < 1 or labels.max() > 1000):
+        raise ValueError(f"{path}: labels must be 1..1000 (image-net.org numbering); got {labels.min()}..{labels.max()}")
+    images = data.reshape(len(data), 3, size, size).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), (labels - 1).astype(np.int32)
+
+
+def find_official_files(root: str | os.PathLike, split: str) -> list[pathlib.Path]:
+    """The split's files under ``root`` (or one folder below it, e.g. ``Imagenet64_train_part1/``).
+
+    Raises:
+      ValueError: an unknown split.
+      FileNotFoundError: naming every missing file, where it looked, and the archives to unpack.
+    """
+    if split not in OFFICIAL_FILES:
+        raise ValueError(f"image-net.org's downsampled ImageNet has the splits {sorted(OFFICIAL_FILES)} "
+                         f"(train_data_batch_1..10 and val_data), got {split!r}; set config.dataset.train_split "
+                         "/ eval_split")
+    root = pathlib.Path(root)
+    folders = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+    found, missing = [], []
+    for name in OFFICIAL_FILES[split]:
+        hits = [f / n for f in folders for n in (name, f"{name}.npz") if (f / n).is_file()]
+        (found.append(hits[0]) if hits else missing.append(name))
+    if missing:
+        raise FileNotFoundError(
+            f"image-net.org downsampled ImageNet, split {split!r}: missing {', '.join(missing)} "
+            f"(looked in {root} and its sub-folders, as a pickle or .npz). Download {OFFICIAL_ARCHIVES[split]} "
+            f"from image-net.org (downsampled images, 64x64) and unzip them into {root}.")
+    return found
+
+
+class ImageNetOfficialSource:
+    """image-net.org's box-downsampled ImageNet (``Imagenet64x64``; 32x32 works too), random access.
+
+    The train split is 10 pickles of about 1.6 GB (1,281,167 images at 64x64), ``val`` one of
+    50,000 labelled images. Pickles cannot be read by index, so on first use each file is
+    converted once into NumPy files in ``<cache_dir>/imagenet_official/`` (default
+    ``cache_dir``: ``data_dir``): ``<file>.images.npy`` (N,S,S,3 uint8; 15.7 GB in all for the
+    64x64 train split) and ``<file>.labels.npy`` (int32, 0-based), beside a JSON manifest of
+    the source files' sizes (a changed source is converted again). Reads memory-map them, so
+    worker processes and threads share the page cache and pickling the source copies nothing.
+
+    Args:
+      root: the folder with ``train_data_batch_1..10`` and/or ``val_data`` (also one level down).
+      split: ``"train"`` or ``"val"``.
+      cache_dir: where the converted arrays go (a local, writable path).
+
+    Raises:
+      FileNotFoundError / ValueError: see :func:`find_official_files` and :func:`read_official_batch`.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None):
+        self.split = split
+        files = find_official_files(root, split)
+        cache = pathlib.Path(cache_dir or root) / "imagenet_official"
+        self._paths = [cache / f"{f.name.removesuffix('.npz')}.images.npy" for f in files]
+        manifest_path = cache / f"{split}.json"
+        manifest = {f.name: f.stat().st_size for f in files}
+        current = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        if current != manifest or not all(p.is_file() for p in self._paths):
+            self._convert(files, cache, manifest_path, manifest)
+        labels = [np.load(p.with_name(p.name.replace(".images.", ".labels."))) for p in self._paths]
+        self._labels = np.concatenate(labels)
+        self._starts = np.cumsum([0] + [len(x) for x in labels])
+        self._images = None  # memory maps, opened lazily in each process (see __getstate__)
+
+    def _convert(self, files: list[pathlib.Path], cache: pathlib.Path, manifest_path: pathlib.Path,
+                 manifest: dict[str, int]) -> None:
+        cache.mkdir(parents=True, exist_ok=True)
+        shape = None
+        for source, images_path in zip(files, self._paths):
+            images, labels = read_official_batch(source)
+            if shape is not None and images.shape[1:] != shape:
+                raise ValueError(f"{source}: images are {images.shape[1:]}, but {files[0]} has {shape}")
+            shape = images.shape[1:]
+            for path, array in ((images_path, images),
+                                (images_path.with_name(images_path.name.replace(".images.", ".labels.")), labels)):
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent processes: rename wins
+                with tmp.open("wb") as out:
+                    np.save(out, array)
+                tmp.replace(path)
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+
+    def _open(self) -> list[np.ndarray]:
+        if self._images is None:
+            self._images = [np.load(p, mmap_mode="r") for p in self._paths]
+        return self._images
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        image = np.array(self._open()[part][index - self._starts[part]])
+        return {"image": image, "label": np.int32(self._labels[index])}
+
+    def __repr__(self) -> str:
+        return f"ImageNetOfficialSource(split={self.split!r}, n={len(self)}, cache={str(self._paths[0].parent)!r})"
 
 
 def _tfds_builder(config: ml_collections.ConfigDict):
@@ -206,20 +384,34 @@ def create_source(config: ml_collections.ConfigDict, split: str):
         if not config.dataset.get("data_dir"):
             raise ValueError("config.dataset.data_dir must be the image folder root for 'folder'")
         return ImageFolderSource(config.dataset.data_dir, split, config.dataset.channels)
-    raise ValueError(f"unknown config.dataset.name {name!r}; use 'digits', 'tfds' or 'folder'")
+    if name == "imagenet_official":
+        if not config.dataset.get("data_dir"):
+            raise ValueError("config.dataset.data_dir must be the folder holding image-net.org's "
+                             "train_data_batch_1..10 and val_data for 'imagenet_official'")
+        return ImageNetOfficialSource(config.dataset.data_dir, split, config.dataset.get("cache_dir"))
+    raise ValueError(f"unknown config.dataset.name {name!r}; use 'digits', 'tfds', 'folder' or "
+                     "'imagenet_official'")
 
 
 # -------------------------------------------------------------------------- transforms
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resizes the shorter side to ``size`` (PIL bicubic) and center crops ``size x size``."""
+    """Resizes the shorter side to ``size`` and center crops ``size x size``, as the reference does.
+
+    The same pixels as torchvision's ``Resize(size)`` then ``CenterCrop(size)`` on a PIL image
+    (the reference's ``utils.get_data``): PIL bilinear resampling (antialiased when
+    downscaling), the longer side scaled to ``int(size·long/short)``, and the crop's top-left
+    corner at ``round((dim − size)/2)`` (Python's rounding, half to even).
+    """
     width, height = image.size
     if (width, height) != (size, size):
-        scale = size / min(width, height)
-        width, height = max(size, round(width * scale)), max(size, round(height * scale))
+        if width <= height:
+            width, height = size, int(size * height / width)
+        else:
+            width, height = int(size * width / height), size
         image = image.resize((width, height), resample=RESAMPLE)
-    left, top = (width - size) // 2, (height - size) // 2
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
 
@@ -380,7 +572,8 @@ def make_global_batch(
 
 
 __all__ = [
-    "DigitsSource", "ImageFolderSource", "Preprocess", "RandomFlip", "create_eval_iterator",
-    "create_source", "create_train_iterator", "make_global_batch", "num_eval_examples",
-    "resize_center_crop", "restore_args", "save_args", "tfds_source",
+    "DigitsSource", "ImageFolderSource", "ImageNetOfficialSource", "Preprocess", "RandomFlip",
+    "create_eval_iterator", "create_source", "create_train_iterator", "find_official_files",
+    "make_global_batch", "num_eval_examples", "read_official_batch", "resize_center_crop",
+    "restore_args", "save_args", "tfds_source",
 ]

@@ -312,6 +312,16 @@ def test_folder_center_crop_and_labels(image_folder):
     assert next(ip.create_train_iterator(config))["image"].shape == (4, 16, 16, 1)
 
 
+def test_resize_center_crop_matches_torchvision():
+    transforms = pytest.importorskip("torchvision.transforms", reason="needs torchvision (the test extra)")
+    rng = np.random.RandomState(0)
+    for height, width, size in ((20, 30, 16), (40, 17, 16), (33, 21, 16), (512, 512, 256), (375, 500, 64),
+                                (500, 333, 128), (10, 13, 16)):  # down, down, odd offsets, AFHQ, ImageNet-like, up
+        image = Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
+        want = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])(image)
+        np.testing.assert_array_equal(np.asarray(ip.resize_center_crop(image, size)), np.asarray(want))
+
+
 def test_folder_random_flip_is_seeded(image_folder):
     flipped = folder_config(image_folder, random_flip=True)
     plain = take(ip.create_train_iterator(folder_config(image_folder)), 6)
@@ -326,8 +336,16 @@ def test_folder_random_flip_is_seeded(image_folder):
     assert 0 < num_flipped < 24
 
 
+def test_folder_missing_split_names_the_splits_it_has(image_folder):
+    (image_folder / "val" / "cat").mkdir(parents=True)  # AFHQ ships train/ and val/, no test/
+    config = folder_config(image_folder, eval_split="test")
+    with pytest.raises(FileNotFoundError, match=r"split 'test'\) does not exist: .* has the splits \['train', 'val'\]"):
+        ip.num_eval_examples(config)
+
+
 def test_folder_missing_or_empty(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train does not exist.*<class_name>"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train \\(split 'train'\\) does not exist.*"
+                                                "no split folders.*<class_name>"):
         ip.create_train_iterator(folder_config(tmp_path))
     (tmp_path / "train" / "cat").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=f"no images found in {tmp_path}/train"):
@@ -338,6 +356,96 @@ def test_wrong_size_without_resize(image_folder):
     iterator = ip.create_train_iterator(folder_config(image_folder, resize=None))
     with pytest.raises(ValueError, match="resize = 'center_crop'"):
         next(iterator)
+
+
+# -------------------------------------------------------------- image-net.org Imagenet64x64
+
+
+def write_official(root, split, size=8, per_file=5, seed=0, npz=False, subfolder=""):
+    """Files in image-net.org's format: dict(data=uint8 rows R-plane|G-plane|B-plane, labels=1..1000)."""
+    import pickle
+    rng = np.random.default_rng(seed)
+    folder = root / subfolder
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    for name in ip.OFFICIAL_FILES[split]:
+        image = rng.integers(0, 256, (per_file, size, size, 3), dtype=np.uint8)
+        label = rng.integers(1, 1001, per_file)
+        record = {"data": image.transpose(0, 3, 1, 2).reshape(per_file, -1), "labels": label.tolist()}
+        if split == "train":
+            record["mean"] = image.reshape(per_file, -1).mean(0)
+        if npz:
+            np.savez(folder / f"{name}.npz", **record)
+        else:
+            with open(folder / name, "wb") as f:
+                pickle.dump(record, f)
+        images.append(image)
+        labels.append(label - 1)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+@pytest.mark.parametrize("npz", [False, True])
+def test_official_imagenet_reads_rows_planes_and_1_based_labels(tmp_path, npz):
+    images, labels = write_official(tmp_path, "train", npz=npz, subfolder="Imagenet64_train_part1")
+    source = ip.ImageNetOfficialSource(tmp_path, "train", cache_dir=tmp_path / "cache")
+    assert len(source) == 50
+    for i in (0, 4, 5, 49):  # first/last of a file, across a file boundary
+        np.testing.assert_array_equal(source[i]["image"], images[i])
+        assert source[i]["label"] == labels[i] and 0 <= labels[i] <= 999
+    # The planes really are R, G, B in raster order: row 0 of file 1 pixel (r, c) channel ch.
+    first = ip.read_official_batch(tmp_path / "Imagenet64_train_part1" / ("train_data_batch_1" + ".npz" * npz))
+    np.testing.assert_array_equal(first[0][0, 2, 5], images[0, 2, 5])
+    # Pickling the source (grain workers) carries no image data.
+    import pickle
+    assert len(pickle.dumps(source)) < 4096
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(source))[7]["image"], images[7])
+
+
+def test_official_imagenet_converts_once_and_again_when_the_source_changes(tmp_path):
+    write_official(tmp_path, "val")
+    ip.ImageNetOfficialSource(tmp_path, "val")
+    cached = tmp_path / "imagenet_official" / "val_data.images.npy"
+    stamp = cached.stat().st_mtime_ns
+    ip.ImageNetOfficialSource(tmp_path, "val")
+    assert cached.stat().st_mtime_ns == stamp
+    images, _ = write_official(tmp_path, "val", per_file=7, seed=1)
+    source = ip.ImageNetOfficialSource(tmp_path, "val")
+    assert len(source) == 7
+    np.testing.assert_array_equal(source[6]["image"], images[6])
+
+
+def test_official_imagenet_missing_files_are_named(tmp_path):
+    write_official(tmp_path, "train")
+    (tmp_path / "train_data_batch_3").unlink()
+    (tmp_path / "train_data_batch_10").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing train_data_batch_3, train_data_batch_10 .*"
+                                                r"Imagenet64_train_part1.zip and Imagenet64_train_part2.zip"):
+        ip.ImageNetOfficialSource(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"split 'val': missing val_data .*Imagenet64_val.zip"):
+        ip.ImageNetOfficialSource(tmp_path, "val")
+    with pytest.raises(ValueError, match=r"splits \['train', 'val'\].*got 'validation'"):
+        ip.ImageNetOfficialSource(tmp_path, "validation")
+
+
+def test_official_imagenet_refuses_other_pickles(tmp_path):
+    import pickle
+    with open(tmp_path / "val_data", "wb") as f:
+        pickle.dump({"data": np.zeros((1, 12), np.uint8), "labels": [1], "x": collections.Counter()}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle collections.Counter"):
+        ip.ImageNetOfficialSource(tmp_path, "val")
+    with open(tmp_path / "val_data", "wb") as f:
+        pickle.dump({"data": np.zeros((1, 12), np.uint8), "labels": [0]}, f)
+    with pytest.raises(ValueError, match="labels must be 1..1000"):
+        ip.ImageNetOfficialSource(tmp_path, "val")
+
+
+def test_official_imagenet_through_the_pipeline(tmp_path):
+    images, _ = write_official(tmp_path, "val", per_file=6)
+    config = make_config(name="imagenet_official", data_dir=str(tmp_path), eval_split="val", image_size=8,
+                         channels=3, num_levels=256, label_key=None)
+    batches = list(ip.create_eval_iterator(config, 4, 0, 1))
+    got = np.concatenate([b["image"] for b in batches])[np.concatenate([b["mask"] for b in batches])]
+    np.testing.assert_array_equal(got, images)
 
 
 # -------------------------------------------------------------------------- global batch
