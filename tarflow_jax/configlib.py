@@ -39,8 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict(dict(
         name="tfds", tfds_name="", data_dir=config_dict.placeholder(str), train_split="train",
         eval_split="test", image_key="image", label_key=config_dict.placeholder(str),
-        image_size=64, channels=3, num_levels=256, random_flip=False,
-        resize=config_dict.placeholder(str)))
+        image_size=64, channels=3, num_levels=256, random_flip=True,  # the reference flips in every run (utils.get_data)
+        resize=config_dict.placeholder(str), cache_dir=config_dict.placeholder(str)))
     c.dataset.label_key = "label"
     c.data_workers = 0
     # The Transformer flow; TarFlow's img_size/in_channels come from config.dataset.

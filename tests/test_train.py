@@ -20,8 +20,8 @@ from tarflow_jax import checkpointing, input_pipeline, sharding, train, train_st
 from tarflow_jax.flow import TarFlow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ("digits", "imagenet64_bpd", "imagenet64_uncond", "imagenet64_cond", "imagenet128_cond",
-           "afhq256", "cifar10")
+CONFIGS = ("digits", "imagenet64_bpd", "imagenet64_bpd_official", "imagenet64_uncond", "imagenet64_cond",
+           "imagenet128_cond", "afhq256", "cifar10")
 
 
 def get_config(name: str, arg: str | None = "smoke"):
@@ -33,13 +33,26 @@ def get_config(name: str, arg: str | None = "smoke"):
 
 def write_image_folder(root: pathlib.Path, classes=("cat", "dog", "wild"), per_class=3) -> None:
     rng = np.random.default_rng(0)
-    for split in ("train", "test"):
+    for split in ("train", "val"):
         for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
                 size = (20 + 4 * i, 24)
                 Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def write_official_imagenet(root: pathlib.Path, per_file: int = 2) -> None:
+    """Tiny files in image-net.org's Imagenet64x64 pickle format (64x64, labels 1..1000)."""
+    import pickle
+
+    from tarflow_jax.input_pipeline import OFFICIAL_FILES
+    rng = np.random.default_rng(0)
+    for name in OFFICIAL_FILES["train"] + OFFICIAL_FILES["val"]:
+        record = {"data": rng.integers(0, 256, (per_file, 3 * 64 * 64), dtype=np.uint8),
+                  "labels": rng.integers(1, 1001, per_file).tolist()}
+        with open(root / name, "wb") as f:
+            pickle.dump(record, f)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -49,6 +62,9 @@ def test_one_real_step_per_config(name, tmp_path):
     assert full.model.width >= 128 and full.num_train_steps >= 1000  # the real run is not the smoke one
     if name == "afhq256":
         write_image_folder(tmp_path)
+        config.dataset.data_dir = str(tmp_path)
+    if config.dataset.name == "imagenet_official":
+        write_official_imagenet(tmp_path)
         config.dataset.data_dir = str(tmp_path)
     train_state.validate_config(config, jax.device_count())
     model = train_state.create_model(config)
