@@ -6,4 +6,5 @@
   the paper configs.
 * ``python -m tarflow_jax.tools.fid``: FID of a samples ``.npz``; reference statistics.
 * ``python -m tarflow_jax.tools.convert``: the authors' PyTorch checkpoint as a workdir.
+* ``python -m tarflow_jax.tools.baselines``: bits/dim of per-pixel histogram baselines.
 """
