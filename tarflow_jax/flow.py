@@ -101,9 +101,12 @@ class MetaBlock(nn.Module):
         s = xp.shape[1]
         pos_table = self.pos_embed[::-1] if self.flip else self.pos_embed
         pos_rows = jax.lax.dynamic_slice_in_dim(pos_table, pos, s, axis=0)
-        h = self.proj_in(xp.astype(self.dtype)) + pos_rows.astype(self.dtype)
+        # The residual stream is float32 whatever the compute dtype (as under the reference's
+        # autocast: a bfloat16 Linear output plus the float32 position table is float32); the
+        # layers cast only their matmul inputs to `dtype`.
+        h = self.proj_in(xp.astype(self.dtype)).astype(jnp.float32) + pos_rows.astype(jnp.float32)
         if self.num_classes:
-            h = h + self.class_vector(y, xp.shape[0])[:, None].astype(self.dtype)
+            h = h + self.class_vector(y, xp.shape[0])[:, None].astype(jnp.float32)
         h, cache = self.transformer(h, cache, pos, temp)
         out = self.proj_out(h).astype(jnp.float32)
         if self.nvp:
@@ -130,8 +133,10 @@ class TarFlow(nn.Module):
     2412.06329); the numerical reference is the authors' ``transformer_flow.Model``. ``apply(variables, x, y)`` maps
     images to latents (:meth:`__call__`); ``method=TarFlow.reverse`` inverts the flow
     (sampling); ``method=TarFlow.denoise`` takes one score step. Parameters are float32
-    (``param_dtype``); ``dtype`` is the matmul compute type (``bfloat16`` allowed), with
-    LayerNorm, softmax and the flow's affine maps in float32. The volume-preserving variant
+    (``param_dtype``); ``dtype`` is the matmul compute type (``bfloat16`` allowed): as under
+    the reference's bfloat16 autocast, only matmul inputs are cast to it, while the residual
+    stream, LayerNorm, softmax, the attention temperature and the flow's affine maps (``exp``,
+    shift, log-det sums) stay float32. The volume-preserving variant
     (``nvp=False``) keeps its prior variance in the ``prior`` collection
     (``variables["prior"]["var"]``, float32 ``(T, D)`` in token layout).
 

@@ -143,14 +143,16 @@ class TransformerLayer(nn.Module):
         x = layer_norm("attn_norm", self.param_dtype)(h).astype(self.dtype)
         qkv = dense((3, heads, hd), w, ("embed", "qkv", "heads", "head_dim"), name="qkv", **kw)(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, S, H, hd)
-        # Folding the per-example temperature into q keeps one scalar logit scale.
-        q = q / temp.astype(q.dtype)[:, None, None, None]
         scale = 1.0 / math.sqrt(hd)
+        # The temperature stays float32 (never rounded to the compute dtype: 0.7 would become
+        # 0.6992 in bfloat16), as the reference's `scale=head_dim**-0.5 / temp`.
         if cache is None:
+            # Per-example temperatures folded into q in float32 (exact for the forward pass's temp = 1).
+            q = (q.astype(jnp.float32) / temp.astype(jnp.float32)[:, None, None, None]).astype(q.dtype)
             out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
         else:
             cache = {"k": cache_write(cache["k"], k, pos), "v": cache_write(cache["v"], v, pos)}
-            out = cached_attention(q, cache["k"], cache["v"], pos, scale)
+            out = cached_attention(q, cache["k"], cache["v"], pos, scale, temp)
         h = h + dense(w, w, ("heads", "head_dim", "embed"), axis=(-2, -1), name="attn_out", **kw)(out)
         h = constrain_activations(h)
 
@@ -168,18 +170,24 @@ def cache_write(buffer: jax.Array, chunk: jax.Array, pos: jax.Array | int) -> ja
     return jax.lax.dynamic_update_slice(buffer, update, (zero, zero, jnp.asarray(pos, jnp.int32), zero))
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array | int, scale: float
-                     ) -> jax.Array:
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array | int, scale: float,
+                     temp: jax.Array | None = None) -> jax.Array:
     """Attention of queries ``q (B,S,H,hd)`` at positions ``pos..pos+S-1`` to a cache ``k, v (B,H,T,hd)``.
 
     Keys after a query's own position are masked; the same computation as the XLA path of
     ``jax.nn.dot_product_attention`` (float32 logits and softmax, the same large negative
     fill), laid out so both products are batched over ``(B, H)`` with no cache transpose.
+    ``temp (B,)``, if given, divides each example's logits: the float32 logits are multiplied
+    by ``scale / temp`` in float32, as the reference's ``scaled_dot_product_attention(...,
+    scale=head_dim**-0.5 / temp)`` (the temperature is not rounded to the compute dtype).
     """
     s, t = q.shape[1], k.shape[2]
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("bshd,bhtd->bhst", q, k, preferred_element_type=logits_dtype)
-    logits = logits * jnp.asarray(scale, logits_dtype)
+    factor = jnp.asarray(scale, logits_dtype)
+    if temp is not None:
+        factor = factor / temp.astype(logits_dtype)[:, None, None, None]
+    logits = logits * factor
     visible = jnp.arange(t)[None, :] <= (pos + jnp.arange(s))[:, None]  # (S, T)
     logits = jnp.where(visible, logits, 0.7 * jnp.finfo(logits_dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
