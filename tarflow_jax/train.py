@@ -59,7 +59,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
       * ``loss``: ``loss_prior + loss_logdet``, nats per dimension, Gaussian constant dropped;
       * ``loss_prior``: ``0.5·mean(z²)``, nats/dim; ``loss_logdet``: ``−mean(logdet)/N``, nats/dim;
       * ``train_bpd`` (uniform dequantization only): the batch's exact bits/dim;
-      * ``learning_rate``: the step's learning rate; ``grad_norm``: global L2 norm of the gradient;
+      * ``learning_rate``: the rate this step applied, ``schedule(step)`` of the global step (skipped
+        steps advance it too, as in the reference); ``grad_norm``: global L2 norm of the gradient;
       * ``skipped``: int32, 1 if this step was skipped as non-finite; ``total_skipped``: int32,
         skipped steps so far.
     """
@@ -78,7 +79,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
 
     (loss, (prior, logdet_term, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    learning_rate = schedule(state.step)  # the global step: skipped steps advance the schedule too
+    opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=learning_rate)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:  # warm-up: early averages do not drag in the initialisation
@@ -100,7 +103,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
         consecutive_skips=(state.consecutive_skips + 1) * skipped,
         total_skips=state.total_skips + skipped)
     metrics = {"loss": loss, "loss_prior": prior, "loss_logdet": logdet_term,
-               "learning_rate": schedule(state.step), "grad_norm": grad_norm,
+               "learning_rate": learning_rate, "grad_norm": grad_norm,
                "skipped": skipped, "total_skipped": new_state.total_skips}
     if config.noise == "uniform":
         metrics["train_bpd"] = bits_per_dim_from_loss(loss, config.dataset.num_levels)

@@ -95,12 +95,24 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (β 0.9/0.95) with linear warmup from 1e-6 and cosine decay to 1e-6; optional clipping."""
+    """AdamW (β 0.9/0.95) and its learning-rate schedule: linear warmup from 1e-6, cosine decay to 1e-6.
+
+    The schedule runs on the global step, as the reference's ``CosineLRSchedule.step()`` runs
+    after every iteration, also when its GradScaler skipped a non-finite one: the learning rate
+    is a hyper-parameter held in the optimizer state (``optax.inject_hyperparams``) that
+    ``train.train_step`` sets to ``schedule(state.step)`` before each update. (Inside optax's
+    own schedule the step count is part of the optimizer state, which a skipped step rolls
+    back, so the schedule would lag by the number of skips.) Optional global-norm clipping first.
+
+    Returns:
+      ``(tx, schedule)``; ``schedule(step)`` is the rate applied at global step ``step`` (0-based).
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=config.min_learning_rate, peak_value=config.learning_rate,
         warmup_steps=min(config.warmup_steps, max(config.num_train_steps - 1, 0)),
         decay_steps=max(config.num_train_steps, 1), end_value=config.min_learning_rate)
-    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=jnp.float32(config.min_learning_rate),
+                                                  b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     if config.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
     return adamw, schedule

@@ -3,6 +3,7 @@
 import functools
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import signal
@@ -12,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -221,6 +223,45 @@ def test_skipped_step_keeps_state(tmp_path):
     assert int(metrics["skipped"]) == 1 and int(new.consecutive_skips) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_schedule_runs_on_the_global_step_through_a_skipped_step():
+    """A NaN batch at step 2 is skipped, yet step 3 applies the reference schedule's rate for step 3."""
+    config = get_config("digits")
+    config.num_train_steps, config.warmup_steps = 10, 4
+    config.learning_rate, config.min_learning_rate = 1e-3, 1e-6
+    config.grad_clip_norm = 0.0
+    model = train_state.create_model(config)
+    tx, schedule = train_state.create_optimizer(config)
+    state, _ = train_state.create_train_state(config, model, tx, sharding.create_mesh(config.mesh))
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config))
+    good = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 17, (8, 8, 8, 1)), jnp.uint8),
+            "label": jnp.arange(8, dtype=jnp.int32) % 10}
+    poisoned = {**good, "image": good["image"].astype(jnp.float32).at[0, 0, 0, 0].set(jnp.nan)}
+
+    def reference_lr(s, warmup=4, total=10, lo=1e-6, hi=1e-3):  # utils.CosineLRSchedule, rate used at step s
+        if s <= warmup:
+            return lo + s / warmup * (hi - lo)
+        return lo + 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) * (hi - lo)
+
+    rates, skipped, adam_counts = [], [], []
+    for i, batch in enumerate([good, good, poisoned, good, good, good]):
+        before = state
+        state, metrics = step(state, batch)
+        rates.append(float(metrics["learning_rate"]))
+        skipped.append(int(metrics["skipped"]))
+        applied = float(optax.tree_utils.tree_get(state.opt_state, "learning_rate"))
+        if not skipped[-1]:
+            assert applied == pytest.approx(rates[-1], rel=1e-6)  # the logged rate is the one applied
+        else:
+            for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(state.params)):
+                np.testing.assert_array_equal(a, b)
+        adam = [n for n in jax.tree.leaves(state.opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+                if isinstance(n, optax.ScaleByAdamState)]
+        adam_counts.append(int(adam[0].count))
+    assert skipped == [0, 0, 1, 0, 0, 0] and int(state.step) == 6
+    np.testing.assert_allclose(rates, [reference_lr(s) for s in range(6)], rtol=1e-5)
+    assert adam_counts == [1, 2, 2, 3, 4, 5]  # Adam's bias correction counts only applied updates
 
 
 @pytest.mark.parametrize("field,value,match", [
