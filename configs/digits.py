@@ -30,5 +30,6 @@ def get_config(arg: str | None = None):
     c.eval_every_steps = 1000
     c.sample_every_steps = 0
     c.eval.batch_size = 300
+    c.eval.num_draws = 16  # each test image with 16 dequantization draws: mean bound and IW bound
     c.sample.update(grid_size=100, batch_size=100, num_samples=100, guidance=1.0, annealed_guidance=True)
     return configlib.finish(c, arg)

@@ -75,9 +75,14 @@ def run_eval(workdir: str, config) -> None:
     result = evaluate.evaluate_bits_per_dim(model, variables, config, mesh, num_draws=config.eval.num_draws)
     step = checkpointing.latest_step(workdir) or 0
     path, row = evaluate.write_results(workdir, result, saved, step, count_params(variables["params"]))
-    print(f"test bits/dim {result['bpd']:.4f} ± {result['bpd_se']:.4f} "
-          f"(IW bound {result['iw_bpd']:.4f}, {result['num_examples']} examples, "
-          f"{result['num_draws']} draws) -> {path}\n{evaluate.MARKDOWN_HEADER}\n{row}")
+    lines = [f"test bits/dim {result['bpd']:.4f} ± {result['bpd_se']:.4f} without labels "
+             f"(IW bound {result['iw_bpd']:.4f})"]
+    if "conditional" in result:
+        c = result["conditional"]
+        lines.append(f"test bits/dim {c['bpd']:.4f} ± {c['bpd_se']:.4f} given the labels "
+                     f"(IW bound {c['iw_bpd']:.4f})")
+    print("\n".join(lines) + f"\n({result['num_examples']} examples, {result['num_draws']} dequantization draws "
+          f"each) -> {path}\n{evaluate.MARKDOWN_HEADER}\n{row}")
 
 
 def run_sample(workdir: str, config) -> None:

@@ -196,9 +196,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         def run_eval(step):
             result = evaluate.evaluate_bits_per_dim(model, state.variables(config.eval.use_ema),
                                                     config, mesh, num_draws=config.eval.num_draws)
-            writer.write_scalars(step, {"test_bpd": result["bpd"], "test_bpd_se": result["bpd_se"]})
-            logging.info("step %d: test bits/dim %.4f ± %.4f over %d examples", step, result["bpd"],
-                         result["bpd_se"], result["num_examples"])
+            scalars = {"test_bpd": result["bpd"], "test_bpd_se": result["bpd_se"], "test_iw_bpd": result["iw_bpd"]}
+            if "conditional" in result:
+                scalars.update(test_bpd_given_label=result["conditional"]["bpd"],
+                               test_bpd_given_label_se=result["conditional"]["bpd_se"])
+            writer.write_scalars(step, scalars)
+            logging.info("step %d: test bits/dim %.4f ± %.4f without labels%s over %d examples, %d draws", step,
+                         result["bpd"], result["bpd_se"],
+                         f", {result['conditional']['bpd']:.4f} given labels" if "conditional" in result else "",
+                         result["num_examples"], result["num_draws"])
             return result
 
         def run_sample(step):
