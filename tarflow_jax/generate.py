@@ -71,6 +71,10 @@ def generate(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
              progress: bool = True) -> dict[str, np.ndarray | int]:
     """Draws ``num_samples`` images as uint8 ``(N,H,W,C)`` with ``config.sample``'s options.
 
+    Pixels are the data's levels scaled to 0..255 by :func:`tarflow_jax.workdir.to_uint8` (the
+    inverse of the training data's mapping; for Gaussian-noise models the reference's
+    truncation, so the file is exactly what the authors' code feeds its FID).
+
     Labels: ``labels`` if given, else ``config.sample.labels`` (a list), else uniform random
     classes (conditional models). Denoising (for models trained with Gaussian noise) follows
     ``denoise`` or ``config.sample.denoise``. Samples with a NaN are counted; with
@@ -113,7 +117,7 @@ def generate(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
             x = np.asarray(jax.device_get(draw(variables, sub, y)))[:len(index)]
             bad = ~np.isfinite(x).all(axis=(1, 2, 3))
             num_nan += int(bad.sum())
-            out_images.append(workdir_lib.to_uint8(x[~bad]))
+            out_images.append(workdir_lib.to_uint8(x[~bad], config.dataset.num_levels, config.noise))
             if labels is not None:
                 out_labels.append(labels[index][~bad])
             redo.append(index[bad])

@@ -85,7 +85,7 @@ def levels_to_uint8(levels: Any, num_levels: int = 256) -> np.ndarray:
     return np.round(levels.astype(np.float32) * np.float32(255.0 / (num_levels - 1))).astype(np.uint8)
 
 
-def to_uint8(x: Any, num_levels: int = 256, noise: str = "uniform") -> np.ndarray:
+def to_uint8(x: Any, num_levels: int, noise: str) -> np.ndarray:
     """Model outputs in ``[-1, 1]`` to 0..255 pixels: :func:`quantize`, then :func:`levels_to_uint8`.
 
     The one conversion used for PNGs, sample files and FID. For 8-bit data of a Gaussian-noise

@@ -217,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if config.noise == "gaussian":
                 grids["samples_denoised"] = p_sample[True](variables, rng, labels)
             for name, images in grids.items():
-                grid = workdir_lib.image_grid(workdir_lib.to_uint8(jax.device_get(images)))
+                pixels = workdir_lib.to_uint8(jax.device_get(images), config.dataset.num_levels, config.noise)
+                grid = workdir_lib.image_grid(pixels)
                 writer.write_images(step, {name: grid[None]})
                 if is_writer:
                     workdir_lib.write_png(workdir_lib.samples_dir(workdir) / f"{name}_{step:08d}.png", grid)

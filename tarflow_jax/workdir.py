@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from tarflow_jax import configlib
+from tarflow_jax import configlib, likelihood
 
 CONFIG_FILE = "config.json"
 
@@ -75,10 +75,15 @@ def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
     return configlib.upgrade(json.loads(path.read_text()), source=str(path))
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Images in ``[-1, 1]`` (any float dtype) to uint8 ``round((x + 1)·127.5)``; NaN → 0."""
-    x = np.nan_to_num(np.asarray(x, np.float32), nan=-1.0)
-    return np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
+def to_uint8(x: np.ndarray, num_levels: int, noise: str) -> np.ndarray:
+    """Model images in ``[-1, 1]`` to 0..255 pixels: the one conversion for PNGs, sample files and FID.
+
+    :func:`tarflow_jax.likelihood.to_uint8`: quantized back to the data's ``num_levels`` levels
+    as the model saw them (``noise`` = ``config.noise``: the exact inverse of uniform
+    dequantization, or the reference's truncation for Gaussian-noise models), then scaled to
+    0..255. NaN becomes 0.
+    """
+    return likelihood.to_uint8(x, num_levels, noise)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:

@@ -73,7 +73,7 @@ def test_quantize_clips_and_maps_nan_to_zero():
 
 def test_uint8_scaling_of_levels():
     assert levels_to_uint8(np.arange(17), 17).tolist() == [round(i * 255 / 16) for i in range(17)]
-    assert to_uint8(np.array([-1.0, 1 - 1e-6]), 17).tolist() == [0, 255]
+    assert to_uint8(np.array([-1.0, 1 - 1e-6]), 17, "uniform").tolist() == [0, 255]
     np.testing.assert_array_equal(levels_to_uint8(np.arange(256), 256), np.arange(256))
 
 

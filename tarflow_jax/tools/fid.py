@@ -36,6 +36,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tarflow_jax import fid, input_pipeline
+from tarflow_jax.likelihood import levels_to_uint8
 from tarflow_jax.tools import cli
 
 CHUNK = 500  # about this many images read and featurised per step (a multiple of --batch_size)
@@ -93,8 +94,7 @@ def _to_rgb_uint8(images: np.ndarray, levels: int = 256) -> np.ndarray:
         raise ValueError(f"expected NHWC images with 1 or 3 channels, got shape {images.shape}")
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
-    if levels != 256:
-        images = np.round(images.astype(np.float32) * (255.0 / (levels - 1))).astype(np.uint8)
+    images = levels_to_uint8(images, levels)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     return images
