@@ -20,6 +20,9 @@ Provenance (fields that differ from `configlib.base_config()`; value — source)
       `num_classes=0`, `y=None`)
   dataset.random_flip=True (also the default) — reference `utils.get_data` flips in every run
   model.remat=True, scan_layers=True — memory and compile time only (docs/scaling.md)
+  matmul_precision="highest" — the reference trains this run in float32 (no autocast for uniform
+      noise) and PyTorch multiplies float32 in float32 (`allow_tf32` is off by default for
+      matmuls); JAX's default is bfloat16 passes on TPU and TF32 on recent GPUs
   num_train_steps=100·5,004 — reference README `--epochs=100`; 1,281,167 // 256 = 5,004 steps/epoch
   warmup_steps=5,004 — reference `CosineLRSchedule(warmup_steps=len(data_loader))`: one epoch
   eval_every_steps=sample_every_steps=10 epochs — logging cadence only
@@ -43,6 +46,7 @@ def get_config(arg: str | None = None):
     c.model.update(patch_size=2, width=768, num_blocks=8, layers_per_block=8, num_classes=0,
                    dtype="float32", remat=True, scan_layers=True)
     c.noise = "uniform"
+    c.matmul_precision = "highest"  # true float32 matmuls on TPU/GPU, as the reference's fp32 run
     c.batch_size = 256
     c.num_train_steps = 100 * STEPS_PER_EPOCH
     c.warmup_steps = STEPS_PER_EPOCH

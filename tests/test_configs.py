@@ -56,7 +56,7 @@ def test_paper_config_matches_the_authors_run(name):
         "warmup_steps": c.warmup_steps, "num_train_steps": c.num_train_steps,
         "b1": c.b1, "b2": c.b2, "weight_decay": c.weight_decay, "grad_clip_norm": c.grad_clip_norm,
         "ema_decay": c.ema_decay, "model.dtype": c.model.dtype,
-        "sample.guidance": c.sample.guidance,
+        "sample.guidance": c.sample.guidance, "matmul_precision": c.get("matmul_precision", "default"),
     }
     want = {
         "dataset.name": source, "dataset.image_size": img, "model.patch_size": patch, "model.width": width, "model.num_blocks": blocks, "model.layers_per_block": layers,
@@ -68,6 +68,8 @@ def test_paper_config_matches_the_authors_run(name):
         "b1": 0.9, "b2": 0.95, "weight_decay": 1e-4, "grad_clip_norm": 0.0, "ema_decay": 0.0,
         # The reference autocasts to bfloat16 exactly for Gaussian-noise (generation) runs.
         "model.dtype": "bfloat16" if noise == "gaussian" else "float32",
+        # ... and multiplies float32 runs in true float32 (PyTorch's allow_tf32=False default for matmuls).
+        "matmul_precision": "default" if noise == "gaussian" else "highest",
         "sample.guidance": guidance,
     }
     if noise == "gaussian":
