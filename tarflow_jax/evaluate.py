@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from tarflow_jax import input_pipeline, sharding, workdir as workdir_lib
 from tarflow_jax.flow import TarFlow

@@ -32,6 +32,11 @@ import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from tarflow_jax import input_pipeline
+from tarflow_jax.tools import cli
 
 MAX_CLASS_TABLE = 50_000_000  # counts (int64) in the per-class table before it is skipped
 CHUNK = 1024
@@ -39,8 +44,6 @@ CHUNK = 1024
 
 def _examples(config, split: str, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Chunks of ``(levels (n, D) int, labels (n,) int)`` of a split after the config's preprocessing."""
-    from tarflow_jax import input_pipeline
-
     source = input_pipeline.create_source(config, split)
     preprocess = input_pipeline.Preprocess(config)
     for start in range(0, len(source), chunk):
@@ -143,11 +146,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from tarflow_jax.tools import cli
-
     argv = list(sys.argv if argv is None else argv)
     prog = "python -m tarflow_jax.tools.baselines"
     usage = f"Per-pixel histogram baselines (bits/dim).\n\n  {prog} --config=configs/digits.py [--out=F.json]\n"
