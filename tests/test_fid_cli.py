@@ -31,11 +31,15 @@ def test_help(capsys):
 
 def test_missing_weights_error_comes_first(tmp_path, capsys):
     code, _, err = run(capsys, f"--samples={tmp_path / 'none.npz'}", f"--ref_stats={tmp_path / 'none.npz'}")
+    assert code == 1 and "--inception_weights is required" in err and fid.TORCH_FIDELITY_WEIGHTS_URL in err
+    code, _, err = run(capsys, f"--samples={tmp_path / 'none.npz'}", f"--ref_stats={tmp_path / 'none.npz'}",
+                       "--protocol=pytorch-fid")
     assert code == 1 and "--inception_weights is required" in err and fid.FID_WEIGHTS_URL in err
     code, _, err = run(capsys, f"--samples={tmp_path / 'none.npz'}", f"--ref_stats={tmp_path / 'none.npz'}",
                        f"--inception_weights={tmp_path}")
-    assert code == 1 and f"FID Inception weights not found at '{tmp_path / fid.FID_WEIGHTS_FILE}'" in err
-    (tmp_path / fid.FID_WEIGHTS_FILE).write_bytes(b"")
+    assert code == 1 and f"FID Inception weights not found at '{tmp_path}'" in err
+    assert fid.TORCH_FIDELITY_WEIGHTS_FILE in err and "--protocol=torch-fidelity" in err
+    (tmp_path / fid.FID_WEIGHTS_FILE).write_bytes(b"")  # the same network: serves either protocol
     code, _, err = run(capsys, f"--samples={tmp_path / 'none.npz'}", "--ref_stats=r.npz",
                        f"--inception_weights={tmp_path}")
     assert code == 1 and "--samples: no file at" in err
@@ -43,7 +47,7 @@ def test_missing_weights_error_comes_first(tmp_path, capsys):
     assert code == 1 and "needs --config" in err
 
 
-def fake_features(variables, images, batch_size=50):
+def fake_features(variables, images, batch_size=50, protocol=fid.DEFAULT_PROTOCOL):
     """Four features per image: the means of its quadrants (over channels), as float64-friendly float32."""
     x = np.asarray(images, np.float32) / 255.0
     h, w = x.shape[1] // 2, x.shape[2] // 2
@@ -54,7 +58,7 @@ def fake_features(variables, images, batch_size=50):
 def test_ref_stats_and_fid_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(fid, "inception_features", fake_features)
-    monkeypatch.setattr(fid, "load_inception_params", lambda path: {})
+    monkeypatch.setattr(fid, "load_inception_params", lambda path, protocol=None: {})
     monkeypatch.setattr(fid_cli, "CHUNK", 128)  # chunks of 100 (batch 50): several, and a ragged last one
     weights = tmp_path / fid.FID_WEIGHTS_FILE
     weights.write_bytes(b"")
@@ -62,7 +66,8 @@ def test_ref_stats_and_fid_end_to_end(tmp_path, capsys, monkeypatch):
     code, out, err = run(capsys, "--compute_ref_stats", "--config=configs/digits.py", f"--out={ref}",
                          f"--inception_weights={weights}")
     assert code == 0, err
-    assert "1500 digits train images (8x8)" in out
+    assert "reference statistics (torch-fidelity) of 1500 digits train images (8x8)" in out
+    assert fid.statistics_protocol(ref) == "torch-fidelity"
 
     def rgb(split):  # digits levels 0..16 -> 0..255, grey -> RGB
         source = input_pipeline.DigitsSource(split)
@@ -91,11 +96,25 @@ def test_ref_stats_and_fid_end_to_end(tmp_path, capsys, monkeypatch):
     code, out, err = run(capsys, f"--samples={tmp_path / 'sample_stats.npz'}", f"--ref_stats={ref}",
                          f"--inception_weights={weights}")
     assert code == 0, err
-    assert f"FID {want:.4f} (precomputed" in out
+    assert f"FID {want:.4f} (torch-fidelity; precomputed" in out
     # A random subset of the reference split.
     code, out, err = run(capsys, "--compute_ref_stats", "--config=configs/digits.py", "--split=test",
                          "--max_examples=100", f"--out={tmp_path / 'sub.npz'}", f"--inception_weights={weights}")
     assert code == 0 and "100 digits test images" in out, err
+    # Another protocol's statistics are refused, naming both protocols.
+    code, out, err = run(capsys, f"--samples={samples}", f"--ref_stats={ref}", f"--inception_weights={weights}",
+                         "--protocol=pytorch-fid")
+    assert code == 1 and "computed with protocol 'torch-fidelity'" in err and "'pytorch-fid'" in err
+    # Reference images flipped at random (seeded), as the authors' prepare_fid_stats.py reads them.
+    flipped = tmp_path / "flipped.npz"
+    for _ in range(2):
+        code, out, err = run(capsys, "--compute_ref_stats", "--config=configs/digits.py", "--random_flip",
+                             f"--out={flipped}", f"--inception_weights={weights}")
+        assert code == 0, err
+        mu_flip = fid.load_statistics(flipped)[0]
+        assert not np.allclose(mu_flip, mu_ref)  # left and right quadrants trade places in some images
+        mu_first = mu_flip if _ == 0 else mu_first
+    np.testing.assert_array_equal(mu_flip, mu_first)
 
 
 def test_bad_samples_file(tmp_path, capsys):

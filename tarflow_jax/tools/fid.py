@@ -1,24 +1,29 @@
 """Command line for FID: samples ``.npz`` against reference statistics, and the reference statistics.
 
-Both commands need pytorch-fid's Inception weights file ``pt_inception-2015-12-05-6726825d.pth``
-(``--inception_weights``, the file or the folder holding it; see ``tarflow_jax.fid.FID_WEIGHTS_URL``)
-and PyTorch to read it::
+``--protocol`` chooses how images reach the Inception network (see :mod:`tarflow_jax.fid`):
+``torch-fidelity`` (the default; torchmetrics' FID, as the TarFlow paper measured) or
+``pytorch-fid``. Each protocol has its weights file (``--inception_weights``: the file or the
+folder holding it; reading it needs PyTorch): torch-fidelity's
+``weights-inception-2015-12-05-6726825d.pth`` or pytorch-fid's
+``pt_inception-2015-12-05-6726825d.pth`` (URLs in ``tarflow_jax.fid.WEIGHTS``)::
 
     # reference statistics (mean and covariance of the 2048-d pool features) over a data split
     python -m tarflow_jax.tools.fid --compute_ref_stats --config=configs/afhq256.py --split=train \\
-        --out=afhq256_train_stats.npz --inception_weights=pt_inception-2015-12-05-6726825d.pth
+        --out=afhq256_train_stats.npz --inception_weights=weights-inception-2015-12-05-6726825d.pth
 
     # FID of samples written by `python -m tarflow_jax.main --mode=sample`
     python -m tarflow_jax.tools.fid --samples=WORKDIR/samples/samples_00000000.npz \\
-        --ref_stats=afhq256_train_stats.npz --inception_weights=pt_inception-2015-12-05-6726825d.pth
+        --ref_stats=afhq256_train_stats.npz --inception_weights=weights-inception-2015-12-05-6726825d.pth
 
+Statistics files record their protocol, and comparing across protocols is refused.
 Samples are read from the ``.npz``'s ``arr_0`` (or ``images``) array, uint8 NHWC, a chunk at a
 time (50,000 samples at 256×256 are 9.8 GB). ``--samples`` may also be a statistics file
 (``mu``/``sigma`` and no images), e.g. one written earlier with ``--sample_stats_out``.
 Reference images are the split's records after the config's preprocessing (resize/center crop
-to ``config.dataset.image_size``, no flips), at full 8-bit depth; grayscale images are repeated
-to three channels. Statistics accumulate in float64 without keeping the features, so a split of
-any size fits in memory; ``--max_examples`` takes a seeded random subset instead.
+to ``config.dataset.image_size``), at full 8-bit depth, without flips unless ``--random_flip``
+(the authors' ``prepare_fid_stats.py`` reads its data with random flips); grayscale images are
+repeated to three channels. Statistics accumulate in float64 without keeping the features, so a
+split of any size fits in memory; ``--max_examples`` takes a seeded random subset instead.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from tarflow_jax.tools import cli
 
 CHUNK = 500  # about this many images read and featurised per step (a multiple of --batch_size)
 _USAGE = """\
-FID for tarflow_jax samples (Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth).
+FID for tarflow_jax samples (--protocol=torch-fidelity|pytorch-fid; weights: that protocol's .pth).
 
   python -m tarflow_jax.tools.fid --samples=S.npz --ref_stats=R.npz --inception_weights=W.pth
   python -m tarflow_jax.tools.fid --compute_ref_stats --config=configs/NAME.py [--split=train] \\
@@ -73,17 +78,16 @@ class RunningStatistics:
         return mu, (sigma + sigma.T) / 2
 
 
-def weights_path(path: str) -> str:
-    """The weights file (``path`` or ``path/pt_inception-...pth``); a clear error when absent."""
+def weights_path(path: str, protocol: str = fid.DEFAULT_PROTOCOL) -> str:
+    """The weights file (``path``, or the protocol's file in the folder ``path``); a clear error when absent."""
+    name, url = fid.WEIGHTS[fid.check_protocol(protocol)]
     if not path:
-        raise FileNotFoundError(f"--inception_weights is required: download pytorch-fid's {fid.FID_WEIGHTS_FILE} "
-                                f"from {fid.FID_WEIGHTS_URL} and pass its path (or the folder holding it)")
-    file = os.path.join(path, fid.FID_WEIGHTS_FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"FID Inception weights not found at {file!r}. Download pytorch-fid's "
-                                f"{fid.FID_WEIGHTS_FILE} from {fid.FID_WEIGHTS_URL} and pass its path "
-                                f"(or the folder holding it) with --inception_weights")
-    return file
+        raise FileNotFoundError(f"--inception_weights is required: for --protocol={protocol} download {name} "
+                                f"from {url} and pass its path (or the folder holding it)")
+    try:
+        return fid.weights_file(path, protocol)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (--inception_weights, --protocol={protocol})") from None
 
 
 def _to_rgb_uint8(images: np.ndarray, levels: int = 256) -> np.ndarray:
@@ -143,11 +147,13 @@ def npz_image_count(path: str, key: str) -> int:
 
 
 def statistics_of_chunks(chunks: Iterator[np.ndarray], variables: Any, batch_size: int, levels: int = 256,
-                         total: int | None = None, what: str = "images") -> tuple[np.ndarray, np.ndarray, int]:
-    """``(mu, sigma, count)`` of the Inception features of uint8 image chunks."""
+                         total: int | None = None, what: str = "images",
+                         protocol: str = fid.DEFAULT_PROTOCOL) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mu, sigma, count)`` of the Inception features (under ``protocol``) of uint8 image chunks."""
     stats, start = RunningStatistics(), time.time()
     for images in chunks:
-        stats.add(fid.inception_features(variables, _to_rgb_uint8(np.asarray(images), levels), batch_size))
+        stats.add(fid.inception_features(variables, _to_rgb_uint8(np.asarray(images), levels), batch_size,
+                                         protocol=protocol))
         rate = stats.count / max(time.time() - start, 1e-9)
         print(f"  {what}: {stats.count}{f'/{total}' if total else ''} ({rate:.0f}/s)", file=sys.stderr, flush=True)
     mu, sigma = stats.result()
@@ -158,25 +164,29 @@ def _chunk(batch_size: int) -> int:
     return batch_size * max(1, CHUNK // batch_size)  # no padded Inception batches inside a chunk
 
 
-def sample_statistics(path: str, variables_fn, batch_size: int, max_samples: int | None
-                      ) -> tuple[np.ndarray, np.ndarray, int | None]:
+def sample_statistics(path: str, variables_fn, batch_size: int, max_samples: int | None,
+                      protocol: str = fid.DEFAULT_PROTOCOL) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Statistics of a samples ``.npz`` (images, or a statistics file with ``mu``/``sigma``)."""
     key, members = _npz_member(path)
     if key is None:
         if {"mu", "sigma"} <= set(members):
-            mu, sigma = fid.load_statistics(path)
+            mu, sigma = fid.load_statistics(path, protocol)
             return mu, sigma, None
         raise KeyError(f"{path!r} has neither images ('arr_0' or 'images') nor statistics ('mu', 'sigma'); "
                        f"it has {members}")
     total = npz_image_count(path, key)
     total = total if max_samples is None else min(total, max_samples)
     return statistics_of_chunks(iter_npz_images(path, key, _chunk(batch_size), total), variables_fn(), batch_size,
-                                total=total, what="samples")
+                                total=total, what="samples", protocol=protocol)
 
 
-def reference_chunks(config, split: str, max_examples: int | None, seed: int = 0, chunk: int = CHUNK
-                     ) -> tuple[Iterator[np.ndarray], int, int]:
-    """Chunks of the split's preprocessed uint8 images (full bit depth), their number, their levels."""
+def reference_chunks(config, split: str, max_examples: int | None, seed: int = 0, chunk: int = CHUNK,
+                     random_flip: bool = False) -> tuple[Iterator[np.ndarray], int, int]:
+    """Chunks of the split's preprocessed uint8 images (full bit depth), their number, their levels.
+
+    ``random_flip`` flips each image with probability 1/2 (seeded), as the authors'
+    ``prepare_fid_stats.py`` reads its reference images (``utils.get_data`` flips).
+    """
     levels = 17 if config.dataset.name == "digits" else 256  # the source's own levels
     config = config.copy_and_resolve_references()
     config.dataset.num_levels = levels
@@ -192,8 +202,10 @@ def reference_chunks(config, split: str, max_examples: int | None, seed: int = 0
         def map(self, index):
             return source[int(index)]
 
-    dataset = (grain.MapDataset.source(indices).map(Lookup()).map(input_pipeline.Preprocess(config))
-               .batch(chunk, drop_remainder=False))
+    dataset = grain.MapDataset.source(indices).map(Lookup()).map(input_pipeline.Preprocess(config))
+    if random_flip:
+        dataset = dataset.random_map(input_pipeline.RandomFlip(), seed=seed)
+    dataset = dataset.batch(chunk, drop_remainder=False)
     threads = input_pipeline.READ_THREADS
     iterator = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
     return (batch["image"] for batch in iterator), len(indices), levels
@@ -206,7 +218,13 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
     flags.DEFINE_string("samples", None, "Samples .npz (uint8 NHWC 'arr_0'/'images', as written by "
                         "tarflow_jax.main --mode=sample), or a statistics .npz.", flag_values=fv)
     flags.DEFINE_string("ref_stats", None, "Reference statistics .npz (mu, sigma).", flag_values=fv)
-    flags.DEFINE_string("inception_weights", None, f"pytorch-fid's {fid.FID_WEIGHTS_FILE}, or its folder.",
+    flags.DEFINE_enum("protocol", fid.DEFAULT_PROTOCOL, list(fid.PROTOCOLS),
+                      "How images reach the Inception network: torch-fidelity (torchmetrics' FID, as the TarFlow "
+                      "paper measured) or pytorch-fid.", flag_values=fv)
+    flags.DEFINE_bool("random_flip", False, "--compute_ref_stats: flip reference images at random (seeded), as "
+                      "the authors' prepare_fid_stats.py does.", flag_values=fv)
+    flags.DEFINE_string("inception_weights", None, f"The protocol's weights: {fid.TORCH_FIDELITY_WEIGHTS_FILE} "
+                        f"(torch-fidelity) or {fid.FID_WEIGHTS_FILE} (pytorch-fid), or the folder holding it.",
                         flag_values=fv)
     flags.DEFINE_bool("compute_ref_stats", False, "Compute reference statistics over --split of --config's "
                       "dataset and write them to --out.", flag_values=fv)
@@ -236,8 +254,9 @@ def _require_file(path: str | None, flag: str, hint: str) -> str:
 
 def run(fv) -> str:
     """Runs the command the parsed flags describe; returns the line to print."""
-    weights = weights_path(fv.inception_weights)  # first: before reading any data
-    load_weights = lambda: fid.load_inception_params(weights)
+    protocol = fv.protocol
+    weights = weights_path(fv.inception_weights, protocol)  # first: before reading any data
+    load_weights = lambda: fid.load_inception_params(weights, protocol)
     if fv.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {fv.batch_size}")
     if fv.compute_ref_stats:
@@ -247,26 +266,28 @@ def run(fv) -> str:
             raise ValueError("--compute_ref_stats needs --out=STATS.npz")
         config = fv.config
         split = fv.split or config.dataset.get("train_split", "train")
-        chunks, total, levels = reference_chunks(config, split, fv.max_examples, chunk=_chunk(fv.batch_size))
+        chunks, total, levels = reference_chunks(config, split, fv.max_examples, chunk=_chunk(fv.batch_size),
+                                                 random_flip=fv.random_flip)
         mu, sigma, count = statistics_of_chunks(chunks, load_weights(), fv.batch_size, levels, total,
-                                                what=f"{split} images")
-        fid.save_statistics(fv.out, mu, sigma)
+                                                what=f"{split} images", protocol=protocol)
+        fid.save_statistics(fv.out, mu, sigma, protocol=protocol)
         name = config.dataset.get("tfds_name") if config.dataset.name == "tfds" else config.dataset.name
-        return f"reference statistics of {count} {name} {split} images " \
+        return f"reference statistics ({protocol}) of {count} {name} {split} images " \
                f"({config.dataset.image_size}x{config.dataset.image_size}) -> {fv.out}"
     samples = _require_file(fv.samples, "samples", "the .npz written by python -m tarflow_jax.main --mode=sample")
     ref = _require_file(fv.ref_stats, "ref_stats", "write one with --compute_ref_stats")
-    mu_ref, sigma_ref = fid.load_statistics(ref)
-    mu, sigma, count = sample_statistics(samples, load_weights, fv.batch_size, fv.max_samples)
+    mu_ref, sigma_ref = fid.load_statistics(ref, protocol)
+    mu, sigma, count = sample_statistics(samples, load_weights, fv.batch_size, fv.max_samples, protocol)
     if fv.sample_stats_out:
-        fid.save_statistics(fv.sample_stats_out, mu, sigma)
+        fid.save_statistics(fv.sample_stats_out, mu, sigma, protocol=protocol)
     score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
     if fv.results_json:
-        record = {"fid": score, "samples": os.path.abspath(samples), "num_samples": count,
+        record = {"fid": score, "protocol": protocol, "samples": os.path.abspath(samples), "num_samples": count,
                   "ref_stats": os.path.abspath(ref)}
         with open(fv.results_json, "w") as f:
             json.dump(record, f, indent=2)
-    return f"FID {score:.4f} ({count if count is not None else 'precomputed'} samples from {samples} vs {ref})"
+    return (f"FID {score:.4f} ({protocol}; {count if count is not None else 'precomputed'} samples from {samples} "
+            f"vs {ref})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
