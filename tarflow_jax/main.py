@@ -45,17 +45,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     """
     FLAGS(argv, known_only=True)  # --workdir and --mode decide what --config is
     given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
-    if given or FLAGS.mode == "train":
-        config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
-                                        lock_config=True, sys_argv=list(argv))
-    else:
-        try:
+    try:
+        if given or FLAGS.mode == "train":
+            config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
+                                            lock_config=True, sys_argv=list(argv))
+        else:
             stored = workdir_lib.load_config(FLAGS.workdir) if FLAGS.workdir else None
-        except FileNotFoundError as e:
-            sys.exit(f"FATAL: {e}; or pass --config=configs/NAME.py")
-        config_flags.DEFINE_config_dict("config", stored, "The run's stored config (WORKDIR/config.json).",
-                                        lock_config=True, sys_argv=list(argv))
-    return app.parse_flags_with_usage(argv)
+            config_flags.DEFINE_config_dict("config", stored, "The run's stored config (WORKDIR/config.json).",
+                                            lock_config=True, sys_argv=list(argv))
+        return app.parse_flags_with_usage(argv)
+    except FileNotFoundError as e:
+        sys.exit(f"FATAL: {e}; or pass --config=configs/NAME.py")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # e.g. --config.no_such_field
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --help to see help on flags.")
 
 
 def initialize_distributed() -> None:
