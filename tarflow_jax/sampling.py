@@ -132,7 +132,7 @@ def _empty_cache(guide: Guidance, batch: int, num_tokens: int, cache_shape: tupl
 
 
 def reverse_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
-                  cache_shape: tuple[int, int, int], dtype: Any) -> jax.Array:
+                   cache_shape: tuple[int, int, int], dtype: Any) -> jax.Array:
     """Exact sequential inverse of one block with a preallocated key/value cache.
 
     ``cache_shape = (layers, heads, head_dim)``; the guided and unguided branches run as
@@ -156,7 +156,7 @@ def reverse_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: 
 
 
 def reverse_uncached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance
-                    ) -> jax.Array:
+                     ) -> jax.Array:
     """Sequential inverse recomputing the whole sequence every step: the test oracle."""
     batch, num_tokens, _ = zp.shape
     y2, temp = guide.branches(y, batch)
@@ -173,9 +173,9 @@ def reverse_uncached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide
 
 
 def reverse_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
-                  cache_shape: tuple[int, int, int], dtype: Any,
-                  block_plan: tuple[int, int | None], tol: float = 1e-5, init: str = "z"
-                  ) -> tuple[jax.Array, jax.Array]:
+                   cache_shape: tuple[int, int, int], dtype: Any,
+                   block_plan: tuple[int, int | None], tol: float = 1e-5, init: str = "z"
+                   ) -> tuple[jax.Array, jax.Array]:
     """(Gauss-Seidel-)Jacobi inverse of one block; returns ``x`` and iterations per segment.
 
     The ``T-1`` input positions ``0..T-2`` (whose outputs give tokens ``1..T-1``) are split
