@@ -21,7 +21,8 @@ LAYERS = [
     {"train"},
     {"main"},
 ]
-DEPRECATED_SHIMS = {"benchmark", "memory", "fid_cli"}  # forward to tools/ with a warning
+# Entry-point forwards to tools/ (with a warning); `aot` is the TPU dry run forward of issue 15.
+DEPRECATED_SHIMS = {"benchmark", "memory", "fid_cli", "aot"}
 
 
 def our_imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
