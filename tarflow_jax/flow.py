@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import likelihood, sampling
-from tarflow_jax.layers import Cache, LayerStack, dense, unstack_layers
+from tarflow_jax.layers import Cache, LayerStack, dense, float32_or_wider, unstack_layers
 
 Dtype = Any
 GUIDE_WHAT = ("a", "b", "ab")
@@ -95,7 +95,7 @@ class MetaBlock(nn.Module):
                 ) -> tuple[jax.Array, jax.Array, Cache | None]:
         """Flow parameters from permuted tokens ``xp (B,S,D)`` at positions ``pos..pos+S-1``.
 
-        Returns float32 ``(a, b)`` where row ``s`` is the log-scale and shift of token
+        Returns ``(a, b)`` in ``float32_or_wider(dtype)`` where row ``s`` is the log-scale and shift of token
         ``pos+s+1`` (unshifted), and the updated cache.
         """
         s = xp.shape[1]
@@ -104,11 +104,12 @@ class MetaBlock(nn.Module):
         # The residual stream is float32 whatever the compute dtype (as under the reference's
         # autocast: a bfloat16 Linear output plus the float32 position table is float32); the
         # layers cast only their matmul inputs to `dtype`.
-        h = self.proj_in(xp.astype(self.dtype)).astype(jnp.float32) + pos_rows.astype(jnp.float32)
+        wide = float32_or_wider(self.dtype)
+        h = self.proj_in(xp.astype(self.dtype)).astype(wide) + pos_rows.astype(wide)
         if self.num_classes:
-            h = h + self.class_vector(y, xp.shape[0])[:, None].astype(jnp.float32)
+            h = h + self.class_vector(y, xp.shape[0])[:, None].astype(wide)
         h, cache = self.transformer(h, cache, pos, temp)
-        out = self.proj_out(h).astype(jnp.float32)
+        out = self.proj_out(h).astype(wide)
         if self.nvp:
             a, b = jnp.split(out, 2, axis=-1)
         else:
@@ -122,7 +123,7 @@ class MetaBlock(nn.Module):
         a, b, _ = self.predict(xp, y, temp)
         shift = lambda u: jnp.pad(u[:, :-1], ((0, 0), (1, 0), (0, 0)))
         a, b = shift(a), shift(b)
-        z = (xp.astype(jnp.float32) - b) * jnp.exp(-a)
+        z = (xp.astype(a.dtype) - b) * jnp.exp(-a)
         return self.permute(z), -jnp.sum(a, axis=(1, 2))
 
 
@@ -136,7 +137,9 @@ class TarFlow(nn.Module):
     (``param_dtype``); ``dtype`` is the matmul compute type (``bfloat16`` allowed): as under
     the reference's bfloat16 autocast, only matmul inputs are cast to it, while the residual
     stream, LayerNorm, softmax, the attention temperature and the flow's affine maps (``exp``,
-    shift, log-det sums) stay float32. The volume-preserving variant
+    shift, log-det sums) stay float32. With ``dtype=param_dtype=jnp.float64`` under
+    ``jax.enable_x64`` the forward pass (not ``reverse``) runs wholly in float64, for
+    numerical checks. The volume-preserving variant
     (``nvp=False``) keeps its prior variance in the ``prior`` collection
     (``variables["prior"]["var"]``, float32 ``(T, D)`` in token layout).
 
@@ -269,8 +272,9 @@ class TarFlow(nn.Module):
         """
         self.check_images(x)
         self.check_labels(y, x.shape[0])
-        h = patchify(x.astype(jnp.float32), self.patch_size)
-        logdet = jnp.zeros((x.shape[0],), jnp.float32)
+        wide = float32_or_wider(self.dtype)  # float32 (float64 only for float64 checks)
+        h = patchify(x.astype(wide), self.patch_size)
+        logdet = jnp.zeros((x.shape[0],), wide)
         for blk in self.blocks:
             h, block_logdet = blk(h, y)
             logdet = logdet + block_logdet

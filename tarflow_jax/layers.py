@@ -101,11 +101,20 @@ def dense(features, fan_in: int, names: tuple, *, axis=-1, dtype: Dtype, param_d
     )
 
 
-def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
-    """LayerNorm computed in float32 with the reference's epsilon and two-pass variance."""
+def float32_or_wider(dtype: Dtype) -> Any:
+    """The type of the residual stream, LayerNorm, softmax and the flow's affine maps.
+
+    float32 for ``float32`` and ``bfloat16`` compute; float64 for ``float64`` (under
+    ``jax.enable_x64``: the log-det test's float64 Jacobian).
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """LayerNorm in ``float32_or_wider(dtype)`` with the reference's epsilon and two-pass variance."""
     return nn.LayerNorm(
         epsilon=1e-5,
-        dtype=jnp.float32,
+        dtype=float32_or_wider(dtype),
         param_dtype=param_dtype,
         use_fast_variance=False,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
@@ -140,15 +149,18 @@ class TransformerLayer(nn.Module):
         heads = w // hd
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        x = layer_norm("attn_norm", self.param_dtype)(h).astype(self.dtype)
+        x = layer_norm("attn_norm", self.param_dtype, self.dtype)(h).astype(self.dtype)
         qkv = dense((3, heads, hd), w, ("embed", "qkv", "heads", "head_dim"), name="qkv", **kw)(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, S, H, hd)
         scale = 1.0 / math.sqrt(hd)
         # The temperature stays float32 (never rounded to the compute dtype: 0.7 would become
         # 0.6992 in bfloat16), as the reference's `scale=head_dim**-0.5 / temp`.
-        if cache is None:
+        wide = float32_or_wider(self.dtype)
+        if cache is None and wide == jnp.float64:  # float64 checks: dot_product_attention's softmax is float32
+            out = cached_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), 0, scale, temp)
+        elif cache is None:
             # Per-example temperatures folded into q in float32 (exact for the forward pass's temp = 1).
-            q = (q.astype(jnp.float32) / temp.astype(jnp.float32)[:, None, None, None]).astype(q.dtype)
+            q = (q.astype(wide) / temp.astype(wide)[:, None, None, None]).astype(q.dtype)
             out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
         else:
             cache = {"k": cache_write(cache["k"], k, pos), "v": cache_write(cache["v"], v, pos)}
@@ -156,7 +168,7 @@ class TransformerLayer(nn.Module):
         h = h + dense(w, w, ("heads", "head_dim", "embed"), axis=(-2, -1), name="attn_out", **kw)(out)
         h = constrain_activations(h)
 
-        x = layer_norm("mlp_norm", self.param_dtype)(h).astype(self.dtype)
+        x = layer_norm("mlp_norm", self.param_dtype, self.dtype)(h).astype(self.dtype)
         x = dense(self.expansion * w, w, ("embed", "mlp"), name="mlp_in", **kw)(x)
         x = nn.gelu(x, approximate=False)
         h = h + dense(w, self.expansion * w, ("mlp", "embed"), name="mlp_out", **kw)(x)
@@ -190,7 +202,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array | 
     logits = logits * factor
     visible = jnp.arange(t)[None, :] <= (pos + jnp.arange(s))[:, None]  # (S, T)
     logits = jnp.where(visible, logits, 0.7 * jnp.finfo(logits_dtype).min)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
     return jnp.einsum("bhst,bhtd->bshd", probs, v)
 
 

@@ -78,7 +78,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
         return loss, (prior, logdet_term, z)
 
     (loss, (prior, logdet_term, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     learning_rate = schedule(state.step)  # the global step: skipped steps advance the schedule too
     opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=learning_rate)
     updates, opt_state = tx.update(grads, opt_state, state.params)

@@ -10,13 +10,60 @@ import sys
 # treats as "no triton".
 sys.modules.setdefault("triton", None)
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import warnings
 
-from tarflow_jax import TarFlow
-from tarflow_jax.tools.benchmark import random_variables  # noqa: F401 (shared with the tests)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_OUR_DIRS = tuple(str(ROOT / d) + os.sep for d in ("tests", "configs"))
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)  # as in setup.cfg
+_warn = warnings.warn
+
+
+def _package(frame) -> str:
+    return str(frame.f_globals.get("__name__", "")).partition(".")[0]
+
+
+def _ours(frame) -> bool:
+    return _package(frame) == "tarflow_jax" or frame.f_code.co_filename.startswith(_OUR_DIRS)
+
+
+def _deprecated_api_caller(frame):
+    """The first frame outside the top-level package of ``frame`` (the code calling into it)."""
+    package = _package(frame)
+    while frame is not None and _package(frame) == package:
+        frame = frame.f_back
+    return frame
+
+
+def _warn_failing_our_deprecated_calls(message, category=None, stacklevel=1, source=None, **kwargs):
+    """``warnings.warn`` that raises a library's deprecation warning when our code made the call.
+
+    The ``filterwarnings`` entries in setup.cfg turn deprecations attributed to our modules
+    into errors, but a library that warns with the default ``stacklevel=1`` attributes the
+    warning to itself (``optax.global_norm`` does), so this walks the stack instead: the first
+    frame outside the warning library's top-level package is the caller; if that frame is in
+    ``tarflow_jax``, ``tests/`` or ``configs/``, the warning is raised as an error. A
+    library's deprecated use of another library (flax calling jax) still only warns.
+    """
+    if category is None:
+        category = type(message) if isinstance(message, Warning) else UserWarning
+    if issubclass(category, _DEPRECATIONS):
+        issuer = sys._getframe(1)
+        caller = _deprecated_api_caller(issuer)
+        if not _ours(issuer) and caller is not None and _ours(caller):
+            raise category(f"{message} (deprecated API called at {caller.f_code.co_filename}:"
+                           f"{caller.f_lineno})")
+    _warn(message, category, stacklevel + 1, source, **kwargs)
+
+
+warnings.warn = _warn_failing_our_deprecated_calls
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tarflow_jax import TarFlow  # noqa: E402
+from tarflow_jax.tools.benchmark import random_variables  # noqa: F401,E402 (shared with the tests)
 
 PARITY_FILES = ("uncond_rgb16", "cond_gray8", "vp_rgb8")
 
