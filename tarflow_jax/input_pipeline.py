@@ -168,7 +168,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "slice")}
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "slice"),
+               ("_codecs", "encode")}  # protocol 2 writes bytes as codecs.encode(str, "latin1")
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:

@@ -427,6 +427,17 @@ def test_official_imagenet_missing_files_are_named(tmp_path):
         ip.ImageNetOfficialSource(tmp_path, "validation")
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_official_imagenet_reads_every_pickle_protocol(tmp_path, protocol):
+    import pickle
+    data = np.arange(2 * 12, dtype=np.uint8).reshape(2, 12)
+    with open(tmp_path / "val_data", "wb") as f:
+        pickle.dump({"data": data, "labels": [1, 1000]}, f, protocol=protocol)
+    images, labels = ip.read_official_batch(tmp_path / "val_data")
+    np.testing.assert_array_equal(images, data.reshape(2, 3, 2, 2).transpose(0, 2, 3, 1))
+    assert labels.tolist() == [0, 999]
+
+
 def test_official_imagenet_refuses_other_pickles(tmp_path):
     import pickle
     with open(tmp_path / "val_data", "wb") as f:
