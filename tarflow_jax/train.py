@@ -166,8 +166,8 @@ class _Preemption:
 
 def _state_bytes(config: ml_collections.ConfigDict, model: TarFlow, tx: optax.GradientTransformation) -> int:
     """Bytes of one checkpoint of the train state (uncompressed), from shapes only (nothing compiled)."""
-    abstract = jax.eval_shape(functools.partial(init_state, model=model, tx=tx, config=config),
-                              jax.random.PRNGKey(0))
+    init_fn = functools.partial(init_state, model=model, tx=tx, config=config)
+    abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0)))
     return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nn.meta.unbox(abstract))))
 
 
