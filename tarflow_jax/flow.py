@@ -189,6 +189,22 @@ class TarFlow(nn.Module):
     remat: bool = False
 
     def __post_init__(self):
+        for field in ("img_size", "in_channels", "patch_size", "channels", "num_blocks", "layers_per_block",
+                      "num_classes", "head_dim", "expansion"):
+            value = getattr(self, field)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"TarFlow.{field} must be an int; got {value!r}")
+        for field in ("nvp", "scan_layers", "remat"):
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
+                raise TypeError(f"TarFlow.{field} must be a bool; got {getattr(self, field)!r}")
+        for field in ("dtype", "param_dtype"):
+            try:
+                dtype = jnp.dtype(getattr(self, field))
+            except TypeError as e:
+                raise TypeError(f"TarFlow.{field}={getattr(self, field)!r} is not a dtype") from e
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"TarFlow.{field} must be a floating-point dtype (float32, bfloat16, ...); "
+                                 f"got {dtype}")
         checks = [
             (self.img_size > 0 and self.patch_size > 0 and self.img_size % self.patch_size == 0,
              f"img_size={self.img_size} must be a positive multiple of patch_size={self.patch_size}"),
@@ -198,6 +214,7 @@ class TarFlow(nn.Module):
             (self.num_blocks > 0 and self.layers_per_block > 0,
              f"num_blocks={self.num_blocks} and layers_per_block={self.layers_per_block} must be positive"),
             (self.num_classes >= 0, f"num_classes={self.num_classes} must be >= 0 (0: unconditional)"),
+            (self.expansion > 0, f"expansion={self.expansion} must be positive (MLP width / channels)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -233,7 +250,15 @@ class TarFlow(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def check_images(self, x: Any, what: str = "x") -> None:
-        """Raises a ValueError unless ``x`` is ``(B, img_size, img_size, in_channels)``."""
+        """Checks that ``x`` is a float ``(B, img_size, img_size, in_channels)`` batch, ``B >= 1``.
+
+        Values are checked only when concrete (not under ``jit``): NaN or inf is refused,
+        since every output would silently be NaN.
+
+        Raises:
+          TypeError: not a floating-point array.
+          ValueError: another shape, an empty batch, or (concrete) non-finite values.
+        """
         shape = tuple(np.shape(x))
         expected = (self.img_size, self.img_size, self.in_channels)
         if len(shape) != 4:
@@ -242,6 +267,14 @@ class TarFlow(nn.Module):
         if shape[1:] != expected:
             raise ValueError(f"{what} has image shape {shape[1:]} but this model expects (H, W, C) = "
                              f"{expected} (img_size={self.img_size}, in_channels={self.in_channels})")
+        if shape[0] < 1:
+            raise ValueError(f"{what} holds no images (batch size 0); pass at least one")
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{what} must be floating-point images in [-1, 1]; got dtype {dtype} (integer "
+                            f"pixels: tarflow_jax.likelihood.dequantize or to_unit_range first)")
+        if _is_concrete(x) and not np.isfinite(np.asarray(x, np.float32)).all():
+            raise ValueError(f"{what} holds NaN or inf values; every output would be NaN")
 
     def check_labels(self, y: Any, batch: int) -> None:
         """Raises a ValueError for labels that do not fit the model (values checked when concrete)."""
@@ -276,9 +309,12 @@ class TarFlow(nn.Module):
           per example, float32 ``(B,)`` in nats (not divided by the N = H·W·C dims).
 
         Raises:
-          ValueError: ``x`` is not ``(B, img_size, img_size, in_channels)``, or ``y`` does
-            not fit (given to an unconditional model, not ``(B,)`` integers, a label
-            ``>= num_classes``).
+          ValueError: ``x`` is not ``(B, img_size, img_size, in_channels)`` with ``B >= 1``,
+            holds NaN/inf (checked when concrete), or ``y`` does not fit (given to an
+            unconditional model, not ``(B,)`` integers, a concrete label outside
+            ``[-1, num_classes)``; traced ones give NaN for that example, see
+            ``MetaBlock.class_vector``).
+          TypeError: ``x`` is not floating point.
         """
         self.check_images(x)
         self.check_labels(y, x.shape[0])
@@ -407,10 +443,19 @@ class TarFlow(nn.Module):
           Denoised images float32 ``(B, H, W, C)`` in ``[-1, 1]``.
 
         Raises:
-          ValueError: ``x`` or ``y`` does not fit the model (as for :meth:`__call__`).
+          ValueError: ``x`` or ``y`` does not fit the model (as for :meth:`__call__`); a
+            concrete ``noise_std`` that is negative or not finite, or a non-finite ``step_scale``.
+          TypeError: ``x`` is not floating point.
         """
         self.check_images(x)
         self.check_labels(y, x.shape[0])
+        for name, value in (("noise_std", noise_std), ("step_scale", step_scale)):
+            if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+                raise ValueError(f"{name} must be a real scalar; got {value!r}")
+            if _is_concrete(value) and not np.isfinite(float(value)):
+                raise ValueError(f"{name} must be finite; got {value}")
+        if _is_concrete(noise_std) and float(noise_std) < 0:
+            raise ValueError(f"noise_std must be >= 0 (a standard deviation); got {noise_std}")
         model, variables = self.clone(parent=None), self.variables
         score = jax.grad(lambda u: jnp.sum(likelihood.log_prob(model, variables, u, y)))(x)
         return jnp.clip(x + step_scale * noise_std ** 2 * score, -1.0, 1.0)

@@ -145,8 +145,12 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self._files[index]
-        with Image.open(path) as img:
-            image = np.asarray(img.convert(self.mode))
+        try:
+            with Image.open(path) as img:
+                image = np.asarray(img.convert(self.mode))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable, truncated, not an image
+            raise ValueError(f"image file {path} cannot be read ({type(e).__name__}: {e}); remove or "
+                             f"replace it") from e
         return {"image": image, "label": np.int32(label)}
 
     def __repr__(self) -> str:

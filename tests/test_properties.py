@@ -148,7 +148,7 @@ def check_forward(model, variables, x, y):
 @FAST
 @given(data=st.data())
 def test_forward_inputs(tiny_cond, tiny_uncond, data):
-    model, variables = data.draw(st.sampled_from([tiny_cond, tiny_uncond]))
+    model, variables = (tiny_cond, tiny_uncond)[data.draw(st.integers(0, 1), label="model (0: tiny_cond)")]
     x, y = data.draw(forward_inputs(model))
     check_forward(model, variables, x, y)
 
@@ -157,7 +157,7 @@ def test_forward_inputs(tiny_cond, tiny_uncond, data):
 @MANY
 @given(data=st.data())
 def test_forward_inputs_many(tiny_cond, tiny_uncond, data):
-    model, variables = data.draw(st.sampled_from([tiny_cond, tiny_uncond]))
+    model, variables = (tiny_cond, tiny_uncond)[data.draw(st.integers(0, 1), label="model (0: tiny_cond)")]
     x, y = data.draw(forward_inputs(model))
     check_forward(model, variables, x, y)
 
@@ -211,7 +211,7 @@ def check_reverse(model, variables, z, labels, options):
 @FAST
 @given(data=st.data())
 def test_reverse_options(tiny_cond, tiny_uncond, data):
-    model, variables = data.draw(st.sampled_from([tiny_cond, tiny_uncond]))
+    model, variables = (tiny_cond, tiny_uncond)[data.draw(st.integers(0, 1), label="model (0: tiny_cond)")]
     check_reverse(model, variables, *data.draw(reverse_options(model)))
 
 
@@ -219,7 +219,7 @@ def test_reverse_options(tiny_cond, tiny_uncond, data):
 @MANY
 @given(data=st.data())
 def test_reverse_options_many(tiny_cond, tiny_uncond, data):
-    model, variables = data.draw(st.sampled_from([tiny_cond, tiny_uncond]))
+    model, variables = (tiny_cond, tiny_uncond)[data.draw(st.integers(0, 1), label="model (0: tiny_cond)")]
     check_reverse(model, variables, *data.draw(reverse_options(model)))
 
 
@@ -248,7 +248,7 @@ def traced_reverse(model):
 @FAST
 @given(data=st.data())
 def test_denoise_inputs(tiny_cond, tiny_uncond, data):
-    model, variables = data.draw(st.sampled_from([tiny_cond, tiny_uncond]))
+    model, variables = (tiny_cond, tiny_uncond)[data.draw(st.integers(0, 1), label="model (0: tiny_cond)")]
     x, y = data.draw(forward_inputs(model))
     noise_std = data.draw(st.sampled_from([0.05, 0.0, 1.0, -0.1, float("nan"), float("inf")]))
     scale = data.draw(st.sampled_from([1.0, 0.0, 5.0, -1.0, float("nan")]))
@@ -262,7 +262,7 @@ def test_denoise_inputs(tiny_cond, tiny_uncond, data):
 # ---------------------------------------------------------------- state dict import
 def mutate_state_dict(draw, state):
     state = dict(state)
-    keys = sorted(state)
+    keys = sorted(k for k in state if not k.endswith("attn_mask"))  # buffers the import ignores
     kind = draw(st.sampled_from(["none", "drop", "extra", "shape", "nan", "dtype", "string", "int_key",
                                  "layer_out_of_range", "negative_layer", "prefix"]))
     key = draw(st.sampled_from(keys))
@@ -302,13 +302,23 @@ def reference_state():
     model = TarFlow(img_size=cfg["img_size"], in_channels=cfg["in_channels"], patch_size=cfg["patch_size"],
                     channels=cfg["channels"], num_blocks=cfg["num_blocks"], layers_per_block=cfg["layers_per_block"],
                     num_classes=cfg["num_classes"], nvp=bool(cfg.get("nvp", True)))
-    return model, state
+    return Named(f"cond_gray8 state dict, {len(state)} keys", (model, state))
+
+
+class Named:
+    """A fixture value with a short repr (hypothesis prints its test's arguments)."""
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def __repr__(self):
+        return self.name
 
 
 @FAST
 @given(data=st.data())
 def test_state_dict_import(reference_state, data):
-    model, state = reference_state
+    model, state = reference_state.value
     for scan in (False, True):
         target = model.clone(scan_layers=scan)
         mutated, kind = mutate_state_dict(data.draw, state)
