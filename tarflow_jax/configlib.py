@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 0.0  # 0 disables
     c.ema_decay = 0.0  # 0 disables; warmed up as min(decay, (1+t)/(10+t))
     c.max_consecutive_skips = 100  # non-finite steps in a row before the run stops (0: never)
+    c.max_skipped_fraction = 0.5  # stop when more of all steps so far were skipped (0: never)
     # Periodic actions (0 disables; the last step always logs, evaluates, samples and saves).
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5_000

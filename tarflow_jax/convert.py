@@ -61,8 +61,15 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
                 break
     state = {}
     for key, value in source.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state dict keys must be strings; got key {key!r}")
         key = key.removeprefix("module.").removeprefix("_orig_mod.")
-        state[key] = _to_numpy(value)
+        try:
+            array = _to_numpy(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"state dict key {key!r} does not hold a numeric tensor ({type(value).__name__}): "
+                            f"{e}") from None
+        state[key] = array
     return state
 
 
@@ -135,7 +142,8 @@ def from_torch_state_dict(state_dict: str | os.PathLike | Mapping[str, Any], mod
       FileNotFoundError: ``state_dict`` is a path that does not exist.
       ImportError: reading a ``.pth`` file without PyTorch installed.
       ValueError: a key has no place in ``model``, a tensor's shape does not fit (both
-        shapes named), or the state dict leaves variables unset.
+        shapes named), a tensor holds NaN or inf, or the state dict leaves variables unset.
+      TypeError: a key is not a string or its value is not a numeric tensor.
     """
     state = load_state_dict(state_dict)
     expected = flax.traverse_util.flatten_dict(abstract_variables(model))
@@ -144,15 +152,19 @@ def from_torch_state_dict(state_dict: str | os.PathLike | Mapping[str, Any], mod
     for key, array in state.items():
         if key.split(".")[-1] in _IGNORED_SUFFIXES:
             continue
+        if array.size and not np.isfinite(array).all():
+            raise ValueError(f"state dict key {key!r} holds NaN or inf values "
+                             f"({int(array.size - np.isfinite(array).sum())} of {array.size})")
         try:
             path, value, layer = _target(key, array, model)
         except (KeyError, ValueError, IndexError):
             raise ValueError(f"state dict key {key!r} (shape {array.shape}) has no place in this "
                              f"model ({_describe(model)})") from None
         if layer is not None:
-            if layer >= model.layers_per_block:
+            if not 0 <= layer < model.layers_per_block:
                 raise ValueError(f"state dict key {key!r} names layer {layer}, but the model has "
-                                 f"layers_per_block={model.layers_per_block}")
+                                 f"layers 0..{model.layers_per_block - 1} (layers_per_block="
+                                 f"{model.layers_per_block})")
             if model.scan_layers:
                 path = path[:3] + ("layers",) + path[3:]
             else:

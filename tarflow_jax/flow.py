@@ -83,12 +83,19 @@ class MetaBlock(nn.Module):
         return x[:, ::-1] if self.flip else x
 
     def class_vector(self, y: jax.Array | None, batch: int) -> jax.Array:
-        """Class embedding per example; a label ``< 0`` or ``None`` takes the mean of the rows."""
+        """Class embedding per example; label ``-1`` or ``None`` takes the mean of the rows.
+
+        A label outside ``[-1, num_classes)`` (possible only for traced labels: concrete ones
+        are rejected by ``TarFlow.check_labels``) gives a NaN vector, so that example's
+        outputs are NaN: it never reads another class's row.
+        """
         mean = jnp.mean(self.class_embed, axis=0)
         if y is None:
             return jnp.broadcast_to(mean, (batch, self.channels))
-        rows = jnp.take(self.class_embed, jnp.maximum(y, 0), axis=0)  # also for numpy params
-        return jnp.where((y >= 0)[:, None], rows, mean)
+        rows = jnp.take(self.class_embed, jnp.clip(y, 0, self.num_classes - 1), axis=0)  # numpy params too
+        vectors = jnp.where((y >= 0)[:, None], rows, mean)
+        valid = (y >= -1) & (y < self.num_classes)
+        return jnp.where(valid[:, None], vectors, jnp.nan)
 
     def predict(self, xp: jax.Array, y: jax.Array | None, temp: jax.Array,
                 cache: Cache | None = None, pos: jax.Array | int = 0
@@ -182,6 +189,22 @@ class TarFlow(nn.Module):
     remat: bool = False
 
     def __post_init__(self):
+        for field in ("img_size", "in_channels", "patch_size", "channels", "num_blocks", "layers_per_block",
+                      "num_classes", "head_dim", "expansion"):
+            value = getattr(self, field)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"TarFlow.{field} must be an int; got {value!r}")
+        for field in ("nvp", "scan_layers", "remat"):
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
+                raise TypeError(f"TarFlow.{field} must be a bool; got {getattr(self, field)!r}")
+        for field in ("dtype", "param_dtype"):
+            try:
+                dtype = jnp.dtype(getattr(self, field))
+            except TypeError as e:
+                raise TypeError(f"TarFlow.{field}={getattr(self, field)!r} is not a dtype") from e
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"TarFlow.{field} must be a floating-point dtype (float32, bfloat16, ...); "
+                                 f"got {dtype}")
         checks = [
             (self.img_size > 0 and self.patch_size > 0 and self.img_size % self.patch_size == 0,
              f"img_size={self.img_size} must be a positive multiple of patch_size={self.patch_size}"),
@@ -191,6 +214,7 @@ class TarFlow(nn.Module):
             (self.num_blocks > 0 and self.layers_per_block > 0,
              f"num_blocks={self.num_blocks} and layers_per_block={self.layers_per_block} must be positive"),
             (self.num_classes >= 0, f"num_classes={self.num_classes} must be >= 0 (0: unconditional)"),
+            (self.expansion > 0, f"expansion={self.expansion} must be positive (MLP width / channels)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -226,7 +250,15 @@ class TarFlow(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def check_images(self, x: Any, what: str = "x") -> None:
-        """Raises a ValueError unless ``x`` is ``(B, img_size, img_size, in_channels)``."""
+        """Checks that ``x`` is a float ``(B, img_size, img_size, in_channels)`` batch, ``B >= 1``.
+
+        Values are checked only when concrete (not under ``jit``): NaN or inf is refused,
+        since every output would silently be NaN.
+
+        Raises:
+          TypeError: not a floating-point array.
+          ValueError: another shape, an empty batch, or (concrete) non-finite values.
+        """
         shape = tuple(np.shape(x))
         expected = (self.img_size, self.img_size, self.in_channels)
         if len(shape) != 4:
@@ -235,6 +267,14 @@ class TarFlow(nn.Module):
         if shape[1:] != expected:
             raise ValueError(f"{what} has image shape {shape[1:]} but this model expects (H, W, C) = "
                              f"{expected} (img_size={self.img_size}, in_channels={self.in_channels})")
+        if shape[0] < 1:
+            raise ValueError(f"{what} holds no images (batch size 0); pass at least one")
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{what} must be floating-point images in [-1, 1]; got dtype {dtype} (integer "
+                            f"pixels: tarflow_jax.likelihood.dequantize or to_unit_range first)")
+        if _is_concrete(x) and not np.isfinite(np.asarray(x, np.float32)).all():
+            raise ValueError(f"{what} holds NaN or inf values; every output would be NaN")
 
     def check_labels(self, y: Any, batch: int) -> None:
         """Raises a ValueError for labels that do not fit the model (values checked when concrete)."""
@@ -244,11 +284,14 @@ class TarFlow(nn.Module):
             raise ValueError("labels y were given to an unconditional model (num_classes=0); pass y=None")
         if tuple(np.shape(y)) != (batch,):
             raise ValueError(f"labels y must have shape (B,) = ({batch},); got {tuple(np.shape(y))}")
-        if not jnp.issubdtype(jnp.asarray(y).dtype if _is_concrete(y) else y.dtype, jnp.integer):
-            raise ValueError(f"labels y must be integers; got dtype {y.dtype}")
-        if _is_concrete(y) and np.size(y) and int(np.max(np.asarray(y))) >= self.num_classes:
-            raise ValueError(f"labels y must be < num_classes={self.num_classes} (or -1 for no label); "
-                             f"got max {int(np.max(np.asarray(y)))}")
+        dtype = np.asarray(y).dtype if _is_concrete(y) else y.dtype
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"labels y must be integers; got dtype {dtype}")
+        if _is_concrete(y) and np.size(y):
+            low, high = int(np.min(np.asarray(y))), int(np.max(np.asarray(y)))
+            if low < -1 or high >= self.num_classes:
+                raise ValueError(f"labels y must be in [-1, num_classes={self.num_classes}) (-1: no label); "
+                                 f"got values from {low} to {high}")
 
     # ----------------------------------------------------------------- forward
     def __call__(self, x: jax.Array, y: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -266,9 +309,12 @@ class TarFlow(nn.Module):
           per example, float32 ``(B,)`` in nats (not divided by the N = H·W·C dims).
 
         Raises:
-          ValueError: ``x`` is not ``(B, img_size, img_size, in_channels)``, or ``y`` does
-            not fit (given to an unconditional model, not ``(B,)`` integers, a label
-            ``>= num_classes``).
+          ValueError: ``x`` is not ``(B, img_size, img_size, in_channels)`` with ``B >= 1``,
+            holds NaN/inf (checked when concrete), or ``y`` does not fit (given to an
+            unconditional model, not ``(B,)`` integers, a concrete label outside
+            ``[-1, num_classes)``; traced ones give NaN for that example, see
+            ``MetaBlock.class_vector``).
+          TypeError: ``x`` is not floating point.
         """
         self.check_images(x)
         self.check_labels(y, x.shape[0])
@@ -292,16 +338,22 @@ class TarFlow(nn.Module):
         second, unguided prediction (label dropped, attention logits divided by
         ``attn_temp``) into ``a`` and/or ``b``: ``a ← a + w·(a − a_unguided)`` with
         ``w = guidance``, or ``w = guidance·(t+1)/(T−1)`` at token ``t`` when annealed
-        (reference ``transformer_flow.Model.reverse``).
+        (reference ``transformer_flow.Model.reverse``). The same rule holds for concrete
+        and traced (jitted) values, negative ones included: ``w < 0`` moves toward the
+        unguided prediction (``w = −1`` is exactly the unguided model), and only a concrete
+        ``0`` skips the unguided branch (same result, half the work).
 
         Args:
           z: latents, float ``(B, H, W, C)`` (standard normal for sampling; a VP model
             scales them by the square root of its prior variance first).
           y: int ``(B,)`` class labels, ``-1`` for "no label"; ``None`` for all unlabelled
             or an unconditional model.
-          guidance: guidance weight w (0: none; > 0 doubles the batch internally).
+          guidance: guidance weight w, finite (0: none; any other value, or a traced one,
+            doubles the batch internally).
           guide_what: which flow outputs are guided: ``"a"``, ``"b"`` or ``"ab"``.
-          attn_temp: attention temperature of the unguided branch (> 0).
+          attn_temp: attention temperature of the unguided branch (> 0), used as
+            ``max(attn_temp, sampling.MIN_ATTN_TEMP)``; a traced value ``<= 0`` or NaN thus
+            gives the temperature ``MIN_ATTN_TEMP`` (near-hard attention), never NaN samples.
           annealed_guidance: ramp the weight linearly over the tokens.
           solver: ``"cached"`` (exact sequential inverse with a key/value cache),
             ``"jacobi"`` (parallel Gauss-Seidel-Jacobi, configured by ``jacobi``) or
@@ -319,7 +371,8 @@ class TarFlow(nn.Module):
           ValueError: ``z`` is not ``(B, img_size, img_size, in_channels)``; ``y`` is given
             to an unconditional model, is not ``(B,)`` integers, or holds a label
             ``>= num_classes``; ``guide_what``, ``solver`` or ``jacobi`` is invalid, or
-            ``return_iterations`` is set without the Jacobi solver; ``attn_temp <= 0``.
+            ``return_iterations`` is set without the Jacobi solver; a concrete ``attn_temp <= 0``
+            (or NaN) or non-finite ``guidance``.
         """
         self.check_images(z, "z")
         self.check_labels(y, z.shape[0])
@@ -330,8 +383,13 @@ class TarFlow(nn.Module):
         if return_iterations and solver != "jacobi":
             raise ValueError(f"return_iterations counts Jacobi iterations; pass solver='jacobi' "
                              f"(got solver={solver!r})")
+        for name, value in (("guidance", guidance), ("attn_temp", attn_temp)):
+            if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+                raise ValueError(f"{name} must be a real scalar; got {value!r}")
         if _is_concrete(attn_temp) and not float(attn_temp) > 0:
             raise ValueError(f"attn_temp must be > 0; got {attn_temp}")
+        if _is_concrete(guidance) and not np.isfinite(float(guidance)):
+            raise ValueError(f"guidance must be a finite number; got {guidance}")
         plan = jacobi or sampling.JacobiPlan()
         plan.check(self.num_blocks, self.num_tokens)
         guide = sampling.Guidance(guidance, guide_what, attn_temp, annealed_guidance)
@@ -385,10 +443,19 @@ class TarFlow(nn.Module):
           Denoised images float32 ``(B, H, W, C)`` in ``[-1, 1]``.
 
         Raises:
-          ValueError: ``x`` or ``y`` does not fit the model (as for :meth:`__call__`).
+          ValueError: ``x`` or ``y`` does not fit the model (as for :meth:`__call__`); a
+            concrete ``noise_std`` that is negative or not finite, or a non-finite ``step_scale``.
+          TypeError: ``x`` is not floating point.
         """
         self.check_images(x)
         self.check_labels(y, x.shape[0])
+        for name, value in (("noise_std", noise_std), ("step_scale", step_scale)):
+            if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+                raise ValueError(f"{name} must be a real scalar; got {value!r}")
+            if _is_concrete(value) and not np.isfinite(float(value)):
+                raise ValueError(f"{name} must be finite; got {value}")
+        if _is_concrete(noise_std) and float(noise_std) < 0:
+            raise ValueError(f"noise_std must be >= 0 (a standard deviation); got {noise_std}")
         model, variables = self.clone(parent=None), self.variables
         score = jax.grad(lambda u: jnp.sum(likelihood.log_prob(model, variables, u, y)))(x)
         return jnp.clip(x + step_scale * noise_std ** 2 * score, -1.0, 1.0)

@@ -43,17 +43,13 @@ batches (``ceil(ceil(N / n) / batch_size)``), padded with ``mask=False`` rows (c
 record 0), so a multi-host jitted eval stays in lock step and sum(mask) over all
 processes == ``num_eval_examples(config)``.
 
-Checkpointing the train iterator (a ``grain.DatasetIterator``): ``state = it.get_state()``
-(a small JSON-able dict) and ``it.set_state(state)`` on a fresh iterator built from the
-same config resume with exactly the same following batches (restore with the same
-``data_workers``: the state holds one entry per worker). For orbax, the installed grain
-registers ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` (handler
-``grain.checkpoint.CheckpointHandler``, which writes one ``process_<i>-of-<n>.json`` per
-JAX process), wrapped here by ``save_args`` / ``restore_args``, which the trainer hands to
-``tarflow_jax.checkpointing.save`` / ``restore`` (so checkpointing itself needs no grain)::
-
-    checkpointing.save(manager, step, state, input_pipeline.save_args(train_iter))
-    state = checkpointing.restore(manager, state, input_pipeline.restore_args(train_iter))
+Resuming: the train stream's position is global, the number of examples consumed from
+it (``examples_seen``, ``k·B`` after ``k`` batches), not a per-process cursor.
+``create_train_iterator(config, start=examples_seen)`` continues the stream from there for
+any process count, batch size and ``data_workers`` (the epoch and the record inside the
+epoch's permutation follow from the position). The trainer stores it with each checkpoint
+(:func:`data_state`) and reads it back with :func:`resume_position`, which also reads the
+per-process grain iterator states that older checkpoints hold.
 
 ``data_workers > 0`` starts grain worker processes (spawn), which read grain's absl
 flags: run under ``absl.app.run`` or call ``absl.flags.FLAGS.mark_as_parsed()`` first.
@@ -72,6 +68,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
 DIGITS_NUM_TRAIN = 1500
@@ -148,8 +145,12 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self._files[index]
-        with Image.open(path) as img:
-            image = np.asarray(img.convert(self.mode))
+        try:
+            with Image.open(path) as img:
+                image = np.asarray(img.convert(self.mode))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable, truncated, not an image
+            raise ValueError(f"image file {path} cannot be read ({type(e).__name__}: {e}); remove or "
+                             f"replace it") from e
         return {"image": image, "label": np.int32(label)}
 
     def __repr__(self) -> str:
@@ -448,7 +449,7 @@ class Preprocess(grain.transforms.Map):
             if self.resize == "center_crop":
                 pil = resize_center_crop(pil, self.image_size)
             image = np.asarray(pil).reshape(pil.size[1], pil.size[0], self.channels)
-        elif wrong_size:
+        if image.shape[:2] != (self.image_size, self.image_size):
             raise ValueError(
                 f"image of shape {image.shape} is not {self.image_size}x{self.image_size}; "
                 "set config.dataset.resize = 'center_crop' or config.dataset.image_size"
@@ -508,24 +509,92 @@ def create_train_iterator(
     config: ml_collections.ConfigDict,
     process_index: int | None = None,
     process_count: int | None = None,
+    start: int = 0,
 ) -> grain.DatasetIterator:
-    """Infinite, shuffled, seeded train batches of this process's shard (checkpointable)."""
+    """Infinite, shuffled, seeded train batches of this process's shard, from global position ``start``.
+
+    Args:
+      config: the run's config (``dataset``, ``batch_size``, ``seed``, ``data_workers``).
+      process_index, process_count: this process's shard (default: the JAX process).
+      start: examples of the global stream already consumed (``examples_seen`` of a
+        checkpoint, see :func:`data_state`); 0 starts at the beginning.
+
+    Returns:
+      An iterator of ``{"image": uint8 (B/n, H, W, C), "label": int32 (B/n,)}``: the
+      ``process_index``-th chunk of each global batch of ``config.batch_size`` positions.
+
+    Raises:
+      ValueError: ``batch_size`` not divisible by ``process_count``; ``start < 0``; a bad
+        dataset field (see :func:`create_source`, :class:`Preprocess`).
+    """
     index, count = _process_index_and_count(process_index, process_count)
     if config.batch_size % count:
         raise ValueError(
             f"config.batch_size={config.batch_size} must be divisible by process_count={count}"
         )
+    if start < 0:
+        raise ValueError(f"start={start} must be >= 0 (examples of the train stream consumed)")
     seed = int(config.get("seed", 0))
     source = create_source(config, config.dataset.get("train_split", "train"))
     dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     dataset = dataset.map(Preprocess(config))
     if config.dataset.get("random_flip", False):
-        dataset = dataset.random_map(RandomFlip(), seed=seed)
+        dataset = dataset.random_map(RandomFlip(), seed=seed)  # seeded by the global position
+    if start:
+        dataset = dataset[start:]
     # Chunks of `local` consecutive positions; process p takes chunk p of every global batch,
     # so the assembled global batch has the rows of a one-process batch, in the same order.
     local = config.batch_size // count
     dataset = dataset.batch(local, drop_remainder=True)[index::count]
     return iter(_to_iter_dataset(dataset, config))
+
+
+DATA_STATE_FORMAT = "global_position/1"
+
+
+def data_state(config: ml_collections.ConfigDict, examples_seen: int) -> dict[str, Any]:
+    """The train stream's position as stored with a checkpoint (JSON-able, the same on every process).
+
+    ``examples_seen`` is the number of examples of the global stream consumed (``k·B``
+    after ``k`` batches of ``B``); ``batch_size`` and ``seed`` are kept for the record.
+    """
+    return {"format": DATA_STATE_FORMAT, "examples_seen": int(examples_seen),
+            "batch_size": int(config.batch_size), "seed": int(config.get("seed", 0))}
+
+
+def resume_position(stored: Any, step: int, config: ml_collections.ConfigDict) -> int:
+    """Examples of the train stream consumed before ``step``, from what a checkpoint stored.
+
+    Args:
+      stored: the checkpoint's data item: a :func:`data_state` dict; for checkpoints
+        written before the position became global, ``{"grain_states": [state, ...]}`` (the
+        per-process grain iterator states, each ``{"next_index": batches}`` or a
+        multi-worker state); ``None`` when the checkpoint has no data item (e.g. written
+        by the convert tool).
+      step: the checkpoint's step (one global batch of ``config.batch_size`` per step).
+      config: the run's config.
+
+    Returns:
+      The global position to pass as ``create_train_iterator(..., start=...)``.
+
+    Raises:
+      ValueError: a stored state this code cannot read.
+    """
+    if stored is None:
+        return step * int(config.batch_size)
+    if stored.get("format") == DATA_STATE_FORMAT:
+        if int(stored.get("seed", config.get("seed", 0))) != int(config.get("seed", 0)):
+            logging.warning("the checkpoint's data order used seed %s; config.seed=%s reorders the "
+                            "examples from here on", stored.get("seed"), config.get("seed", 0))
+        return int(stored["examples_seen"])
+    if "grain_states" in stored:  # per-process grain iterator states (older checkpoints)
+        batches = {s["next_index"] for s in stored["grain_states"] if "next_index" in s}
+        if len(batches) > 1:
+            raise ValueError(f"the checkpoint's per-process data states disagree: {sorted(batches)} batches")
+        # Each state counts this process's batches, one per global batch: the step, unless
+        # the batch size changed; multi-worker states have no single counter, so use the step.
+        return (batches.pop() if batches else step) * int(config.batch_size)
+    raise ValueError(f"unknown data state in the checkpoint: {sorted(stored)}")
 
 
 def create_eval_iterator(
@@ -549,16 +618,6 @@ def num_eval_examples(config: ml_collections.ConfigDict) -> int:
     return len(create_source(config, config.dataset.get("eval_split", "test")))
 
 
-def save_args(iterator: grain.DatasetIterator) -> Any:
-    """Orbax save args for the train iterator (``grain.checkpoint.CheckpointSave``)."""
-    return grain.checkpoint.CheckpointSave(iterator)
-
-
-def restore_args(iterator: grain.DatasetIterator) -> Any:
-    """Orbax restore args that set ``iterator``'s state in place (``CheckpointRestore``)."""
-    return grain.checkpoint.CheckpointRestore(iterator)
-
-
 def make_global_batch(
     local_batch: dict[str, np.ndarray], mesh_or_sharding: jax.sharding.Mesh | jax.sharding.Sharding
 ) -> dict[str, jax.Array]:
@@ -573,9 +632,88 @@ def make_global_batch(
     )
 
 
+def num_classes(config: ml_collections.ConfigDict) -> int | None:
+    """Number of classes of the dataset, or None when unlabelled / unknown."""
+    name = config.dataset.name
+    if _label_key(config) is None:
+        return None
+    if name == "digits":
+        return 10
+    if name == "imagenet_official":
+        return 1000
+    if name == "folder":
+        return len(create_source(config, config.dataset.get("train_split", "train")).classes)
+    feature = _tfds_builder(config).info.features[_label_key(config)]
+    return getattr(feature, "num_classes", None)
+
+
+def dataset_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A small dict describing the dataset, for logging."""
+    dataset = config.dataset
+    return {
+        "name": dataset.tfds_name if dataset.name == "tfds" else dataset.name,
+        "num_train": len(create_source(config, dataset.get("train_split", "train"))),
+        "num_eval": num_eval_examples(config),
+        "image_shape": (int(dataset.image_size), int(dataset.image_size), int(dataset.channels)),
+        "num_levels": int(dataset.num_levels),
+        "num_classes": num_classes(config),
+    }
+
+
+def check_config_against_data(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ("train", "eval")
+                              ) -> None:
+    """Checks, before anything is compiled, that the model and the data agree.
+
+    What the model and the data must agree on: the number of classes (a conditional model,
+    ``config.model.num_classes > 0``, needs labels and exactly the dataset's classes; an
+    unconditional one ignores them), the image size (each split's first record must
+    preprocess to ``dataset.image_size``, or ``dataset.resize`` must be set), the channels
+    (1 or 3; grey and RGB sources are converted) and the levels (``dataset.num_levels`` at
+    most the source's: 17 for digits, 256 otherwise). Reads the dataset's metadata and one
+    record of each split; never the whole dataset.
+
+    Args:
+      config: the run's config.
+      splits: which of ``dataset.train_split`` ("train") and ``dataset.eval_split`` ("eval")
+        to check.
+
+    Raises:
+      ValueError: the first disagreement, naming the config field and the value the data
+        needs. FileNotFoundError: the data is missing (see :func:`create_source`).
+    """
+    dataset, model = config.dataset, config.get("model", {})
+    preprocess = Preprocess(config)  # channels, resize and levels ranges
+    wanted = int(model.get("num_classes", 0) or 0)
+    name = dataset.tfds_name if dataset.name == "tfds" else dataset.name
+    if wanted:
+        if _label_key(config) is None:
+            raise ValueError(f"config.model.num_classes={wanted} makes a class-conditional model, but "
+                             f"config.dataset.label_key is None (the data has no labels): set "
+                             f"config.model.num_classes=0 or config.dataset.label_key")
+        have = num_classes(config)
+        if have is not None and have != wanted:
+            raise ValueError(f"config.model.num_classes={wanted} but the dataset {name!r} has {have} "
+                             f"classes (labels 0..{have - 1}); set --config.model.num_classes={have} "
+                             f"(or 0 for an unconditional model)")
+    for which in splits:
+        split = dataset.get(f"{which}_split", which if which == "train" else "test")
+        source = create_source(config, split)
+        if not len(source):
+            raise ValueError(f"the {which} split {split!r} of {name!r} is empty")
+        try:
+            record = preprocess.map(source[0])
+        except ValueError as e:
+            raise ValueError(f"the {which} split {split!r} of {name!r} does not fit the config: {e}") from e
+        label = int(record["label"])
+        if wanted and not 0 <= label < wanted:
+            raise ValueError(f"the {which} split {split!r} of {name!r} has label {label}, outside "
+                             f"[0, config.model.num_classes={wanted})")
+
+
 __all__ = [
-    "DigitsSource", "ImageFolderSource", "ImageNetOfficialSource", "Preprocess", "RandomFlip",
-    "create_eval_iterator", "create_source", "create_train_iterator", "find_official_files",
-    "make_global_batch", "num_eval_examples", "read_official_batch", "resize_center_crop",
-    "restore_args", "save_args", "tfds_source",
+    "DATA_STATE_FORMAT", "DigitsSource", "ImageFolderSource", "ImageNetOfficialSource", "Preprocess",
+    "RandomFlip", "check_config_against_data", "create_eval_iterator", "create_source",
+    "create_train_iterator", "data_state", "dataset_summary", "find_official_files", "make_global_batch",
+    "num_classes", "num_eval_examples", "read_official_batch", "resize_center_crop", "resume_position",
+    "tfds_source",
 ]

@@ -12,48 +12,68 @@ elsewhere pass ``--coordinator_address``, ``--num_processes`` and ``--process_id
 from __future__ import annotations
 
 import logging as pylogging
+import math
 import os
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tarflow_jax import checkpointing, evaluate, generate, sharding, train, workdir as workdir_lib
+from tarflow_jax import checkpointing, evaluate, generate, input_pipeline, sharding, train, workdir as workdir_lib
 from tarflow_jax.flow import count_params
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = "configs/digits.py"
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard files and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
-                  "What to do. eval/sample without --config use WORKDIR/config.json.")
-flags.DEFINE_bool("jax_distributed", os.environ.get("TARFLOW_DISTRIBUTED", "0") == "1",
-                  "Call jax.distributed.initialize() (multi-host runs).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host, optional).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, optional).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host, optional).")
-flags.mark_flags_as_required(["workdir"])
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def define_flags(fv: flags.FlagValues) -> None:
+    """Defines this command's flags (all but ``--config``, which :func:`parse_flags` adds) on ``fv``."""
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard files and samples.",
+                        flag_values=fv)
+    flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
+                      "What to do. eval/sample without --config use WORKDIR/config.json.", flag_values=fv)
+    flags.DEFINE_bool("jax_distributed", os.environ.get("TARFLOW_DISTRIBUTED", "0") == "1",
+                      "Call jax.distributed.initialize() (multi-host runs).", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host, optional).",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, optional).", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host, optional).", flag_values=fv)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+define_flags(FLAGS)
+
+
+def parse_flags(argv: list[str], fv: flags.FlagValues = FLAGS) -> list[str]:
     """Defines ``--config`` for the mode at hand, then parses ``argv`` (absl's ``flags_parser``).
 
     ``--config=FILE`` (or, in train mode without it, ``configs/digits.py``) is a config
     file flag; in eval/sample mode without it, the flag holds the run's stored config
     (``config_flags.DEFINE_config_dict``). Either way ml_collections parses the
     ``--config.FIELD=VALUE`` overrides against that config's field types.
+
+    Args:
+      argv: the command line, program name first.
+      fv: the flag set (a fresh ``flags.FlagValues()`` with :func:`define_flags` in tests).
+
+    Returns:
+      The arguments left over.
     """
-    FLAGS(argv, known_only=True)  # --workdir and --mode decide what --config is
+    fv(argv, known_only=True)  # --workdir and --mode decide what --config is
     given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
     try:
-        if given or FLAGS.mode == "train":
+        if given or fv.mode == "train":
             config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
-                                            lock_config=True, sys_argv=list(argv))
+                                            lock_config=True, sys_argv=list(argv), flag_values=fv)
         else:
-            stored = workdir_lib.load_config(FLAGS.workdir) if FLAGS.workdir else None
+            stored = workdir_lib.load_config(fv.workdir) if fv.workdir else None
             config_flags.DEFINE_config_dict("config", stored, "The run's stored config (WORKDIR/config.json).",
-                                            lock_config=True, sys_argv=list(argv))
-        return app.parse_flags_with_usage(argv)
+                                            lock_config=True, sys_argv=list(argv), flag_values=fv)
+        if fv is FLAGS:
+            return app.parse_flags_with_usage(argv)
+        return fv(argv)
     except FileNotFoundError as e:
         sys.exit(f"FATAL: {e}; or pass --config=configs/NAME.py")
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # e.g. --config.no_such_field
@@ -71,11 +91,17 @@ def initialize_distributed() -> None:
 
 
 def run_eval(workdir: str, config) -> None:
-    """Bits/dim of the latest checkpoint over the full eval split; JSON + Markdown row."""
-    model, variables, saved = checkpointing.load(workdir, use_ema=config.eval.use_ema)
+    """Bits/dim of the newest intact checkpoint over the full eval split; JSON + Markdown row.
+
+    Raises:
+      FloatingPointError: the bits/dim is not finite (the model gives NaN/inf likelihoods).
+    """
+    model, variables, saved, step = checkpointing.load_with_step(workdir, use_ema=config.eval.use_ema)
+    data_and_model = ml_collections.ConfigDict(config.to_dict())  # the data given here, the run's model
+    data_and_model.model = ml_collections.ConfigDict(saved.model.to_dict())
+    input_pipeline.check_config_against_data(data_and_model, splits=("eval",))
     mesh = sharding.create_mesh(config.mesh)
     result = evaluate.evaluate_bits_per_dim(model, variables, config, mesh, num_draws=config.eval.num_draws)
-    step = checkpointing.latest_step(workdir) or 0
     path, row = evaluate.write_results(workdir, result, saved, step, count_params(variables["params"]))
     lines = [f"test bits/dim {result['bpd']:.4f} ± {result['bpd_se']:.4f} without labels "
              f"(IW bound {result['iw_bpd']:.4f})"]
@@ -85,14 +111,16 @@ def run_eval(workdir: str, config) -> None:
                      f"(IW bound {c['iw_bpd']:.4f})")
     print("\n".join(lines) + f"\n({result['num_examples']} examples, {result['num_draws']} dequantization draws "
           f"each) -> {path}\n{evaluate.MARKDOWN_HEADER}\n{row}")
+    if not math.isfinite(result["bpd"]):
+        raise FloatingPointError(f"the test bits/dim of step {step} is not finite ({result['bpd']}): the "
+                                 f"model gives non-finite likelihoods on this data")
 
 
 def run_sample(workdir: str, config) -> None:
-    """``config.sample.num_samples`` samples of the latest checkpoint as PNG grid and ``.npz``."""
-    model, variables, _ = checkpointing.load(workdir, use_ema=config.eval.use_ema)
+    """``config.sample.num_samples`` samples of the newest intact checkpoint as PNG grid and ``.npz``."""
+    model, variables, _, step = checkpointing.load_with_step(workdir, use_ema=config.eval.use_ema)
     mesh = sharding.create_mesh(config.mesh)
     result = generate.generate(model, variables, config, mesh, config.sample.num_samples, seed=config.seed)
-    step = checkpointing.latest_step(workdir) or 0
     npz, png = generate.write_samples(workdir, result, f"samples_{step:08d}")
     print(f"{len(result['images'])} samples -> {npz}, grid {png}; NaN samples: {result['num_nan']}"
           + (f", {result['num_missing']} missing after redraws" if result["num_missing"] else ""))

@@ -23,9 +23,21 @@ JACOBI_INITS = ("z", "zeros")
 Predict = Callable[..., tuple[jax.Array, jax.Array, Any]]
 
 
+MIN_ATTN_TEMP = 1e-2  # attention temperatures below this (and NaN) are raised to it
+
+
 @dataclasses.dataclass(frozen=True)
 class Guidance:
-    """Guidance settings: weight, what to guide, unguided attention temperature, annealing."""
+    """Guidance settings: weight, what to guide, unguided attention temperature, annealing.
+
+    One rule for concrete and traced values: the weight ``w`` is applied as written,
+    ``a ← a + w·(a − a_unguided)`` (negative ``w`` included: it moves the prediction toward
+    the unguided one, ``w = −1`` gives exactly the unguided prediction and ``w < −1``
+    extrapolates past it); only a concrete ``w == 0`` skips the unguided branch, which gives
+    the same result. The unguided branch's attention temperature is used as
+    ``max(attn_temp, MIN_ATTN_TEMP)`` (NaN counts as below), so a traced non-positive
+    temperature cannot turn samples into NaN; ``TarFlow.reverse`` rejects concrete ones.
+    """
 
     weight: Any = 0.0
     what: str = "ab"
@@ -37,7 +49,12 @@ class Guidance:
         """Whether the unguided branch must run (a traced weight always runs it)."""
         if isinstance(self.weight, jax.core.Tracer):
             return True
-        return float(self.weight) > 0
+        return float(self.weight) != 0
+
+    def temperature(self) -> jax.Array:
+        """The unguided branch's attention temperature, float32, at least :data:`MIN_ATTN_TEMP`."""
+        temp = jnp.asarray(self.attn_temp, jnp.float32)
+        return jnp.where(temp >= MIN_ATTN_TEMP, temp, jnp.float32(MIN_ATTN_TEMP))
 
     def branches(self, y: jax.Array | None, batch: int) -> tuple[jax.Array | None, jax.Array]:
         """Labels and per-example attention temperatures for the (doubled) batch."""
@@ -45,7 +62,7 @@ class Guidance:
             return y, jnp.ones((batch,), jnp.float32)
         y2 = None if y is None else jnp.concatenate([y, jnp.full_like(y, -1)])
         temp = jnp.concatenate([jnp.ones((batch,), jnp.float32),
-                                jnp.full((batch,), self.attn_temp, jnp.float32)])
+                                jnp.broadcast_to(self.temperature(), (batch,))])
         return y2, temp
 
     def combine(self, a: jax.Array, b: jax.Array, positions: jax.Array, num_tokens: int

@@ -22,8 +22,9 @@ from tarflow_jax.train_state import (TrainState, create_model, create_optimizer,
                                      init_state, validate_config)
 
 VAR_RATE = 0.1  # the VP prior variance moves this far toward mean(z²) per step
+SKIP_FRACTION_MIN_STEPS = 100  # config.max_skipped_fraction is checked once this many steps ran
 
-__all__ = ["TrainState", "create_model", "create_optimizer", "create_train_state", "init_state",
+__all__ = ["TrainState", "check_skips", "create_model", "create_optimizer", "create_train_state", "init_state",
            "prepare_images", "train_and_evaluate", "train_step", "validate_config"]
 
 
@@ -111,14 +112,35 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
 
 
 # ----------------------------------------------------------------------------- loop
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks, so it can save before exiting."""
+def _preemption_service_running() -> bool:
+    """Whether JAX's distributed preemption service (SIGTERM notices shared by all processes) is up."""
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
 
-    def __init__(self):
+    state = distributed.global_state
+    return getattr(state, "client", None) is not None and \
+        getattr(state, "preemption_sync_manager", None) is not None
+
+
+class _Preemption:
+    """Decides, the same on every process, at which step a preempted run saves and stops.
+
+    Multi-process jobs (``jax.distributed``) use JAX's preemption service through Orbax's
+    ``CheckpointManager.reached_preemption(step)``: a SIGTERM to any one process reaches all
+    of them, and they agree on one step (the largest step any of them has reached, plus
+    one), so every process saves the same step and no collective is left waiting. Without
+    the service (one process, or the service disabled) SIGTERM sets a flag; with several
+    processes the flags are combined by a collective every step.
+    """
+
+    def __init__(self, manager: Any):
+        self.manager = manager
         self.requested = False
+        self.coordinated = _preemption_service_running()
         self._previous = None
 
     def __enter__(self):
+        if self.coordinated:  # JAX's own SIGTERM handler must stay installed
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not in the main thread
@@ -129,20 +151,60 @@ class _Preemption:
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """True at the step where every process saves and stops (call it at every step)."""
+        if self.coordinated:
+            return bool(self.manager.reached_preemption(step))
+        if jax.process_count() > 1:
+            return checkpointing._any_process(self.requested)  # pylint: disable=protected-access
+        return self.requested
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains a TarFlow as ``config`` says, resuming from ``workdir``'s latest checkpoint if there is one.
+def _state_bytes(config: ml_collections.ConfigDict, model: TarFlow, tx: optax.GradientTransformation) -> int:
+    """Bytes of one checkpoint of the train state (uncompressed), from shapes only (nothing compiled)."""
+    init_fn = functools.partial(init_state, model=model, tx=tx, config=config)
+    abstract = jax.eval_shape(lambda: init_fn(jax.random.PRNGKey(0)))
+    return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nn.meta.unbox(abstract))))
 
-    Writes ``workdir/config.json``; every ``log_every_steps`` the train-step metrics (see
+
+def check_skips(config: ml_collections.ConfigDict, state: TrainState, step: int, workdir: str) -> None:
+    """Stops a run that keeps skipping non-finite steps (see ``train_and_evaluate``'s Raises)."""
+    consecutive = int(jax.device_get(state.consecutive_skips))
+    total = int(jax.device_get(state.total_skips))
+    fix = (f"The last checkpoint in {workdir} is intact. Lower config.learning_rate, set "
+           f"config.grad_clip_norm, check the data, or raise")
+    if config.max_consecutive_skips and consecutive >= config.max_consecutive_skips:
+        raise FloatingPointError(
+            f"{consecutive} consecutive training steps had a non-finite loss or gradient (up to step "
+            f"{step}); stopping. {fix} config.max_consecutive_skips.")
+    fraction = config.get("max_skipped_fraction", 0.0)
+    if fraction and step >= min(SKIP_FRACTION_MIN_STEPS, config.num_train_steps) and total > fraction * step:
+        raise FloatingPointError(
+            f"{total} of the {step} training steps so far ({total / step:.0%}) had a non-finite loss or "
+            f"gradient and were skipped, more than config.max_skipped_fraction={fraction}; stopping. "
+            f"{fix} config.max_skipped_fraction.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains a TarFlow as ``config`` says, resuming from ``workdir``'s newest intact checkpoint.
+
+    Before anything is compiled: the config is validated, the workdir must be writable with
+    room for a checkpoint, and the model must agree with the data (classes, image size,
+    channels, levels; ``input_pipeline.check_config_against_data``). Writes
+    ``workdir/config.json``; every ``log_every_steps`` the train-step metrics (see
     :func:`train_step`) to TensorBoard and the log; every ``checkpoint_every_steps`` an
-    Orbax checkpoint with the data iterator's position (resuming is bit-exact); every
-    ``eval_every_steps`` the test bits/dim (``test_bpd``, ``test_bpd_se``: bits/dim) over
-    the whole eval split; every ``sample_every_steps`` a sample grid (PNG and TensorBoard).
-    The last step always logs, saves, evaluates and samples. On SIGTERM it saves and returns.
+    Orbax checkpoint with the train stream's global position (resuming is bit-exact, also
+    on another number of processes); every ``eval_every_steps`` the test bits/dim
+    (``test_bpd``, ``test_bpd_se``: bits/dim) over the whole eval split; every
+    ``sample_every_steps`` a sample grid (PNG and TensorBoard). The last step always logs,
+    saves, evaluates and samples. On SIGTERM (to any process of a multi-host job) every
+    process saves the same step and returns. A damaged newest checkpoint is moved aside
+    with a warning and the run resumes from the newest intact one (see
+    ``tarflow_jax.checkpointing``).
 
     Args:
       config: the run's config (see ``configlib.base_config``).
@@ -152,28 +214,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       The final train state (on the device mesh).
 
     Raises:
-      ValueError: an inconsistent config (before anything is compiled).
-      FloatingPointError: ``config.max_consecutive_skips`` non-finite steps in a row (the
-        last checkpoint stays intact).
+      ValueError: an inconsistent config, or one the data disagrees with (before anything
+        is compiled).
+      OSError: the workdir is not writable or its disk has no room for a checkpoint.
+      FloatingPointError: checked at every log step: ``config.max_consecutive_skips``
+        non-finite steps in a row, or more than ``config.max_skipped_fraction`` of all steps
+        so far skipped (once ``min(100, num_train_steps)`` steps ran). The last checkpoint
+        stays intact.
+      checkpointing.DamagedCheckpointError: the workdir has checkpoints but none is intact.
     """
     validate_config(config, jax.device_count())
     mesh = sharding.create_mesh(config.mesh)
     model = create_model(config)
     tx, schedule = create_optimizer(config)
     is_writer = jax.process_index() == 0
+    workdir_lib.check_writable(workdir, _state_bytes(config, model, tx))
+    input_pipeline.check_config_against_data(config)
     workdir_lib.save_config(workdir, config)
-    train_iter = input_pipeline.create_train_iterator(config)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
     batch_sharding = sharding.batch_sharding(mesh)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, state_shardings = create_train_state(config, model, tx, mesh)
         manager = checkpointing.create_manager(workdir, config)
-        if manager.latest_step() is not None:
-            state = checkpointing.restore(manager, state, input_pipeline.restore_args(train_iter))
-            logging.info("Resumed from step %d in %s", int(state.step), workdir)
+        resumed = checkpointing.restore_newest_intact(manager, state)
+        examples_seen = 0
+        if resumed is not None:
+            state, data, saved_step = resumed
+            examples_seen = input_pipeline.resume_position(data, saved_step, config)
+            logging.info("Resumed from step %d in %s (train stream position %d)", int(state.step), workdir,
+                         examples_seen)
         else:
             writer.write_hparams({k: v for k, v in flatten_config(config).items()})
+        train_iter = input_pipeline.create_train_iterator(config, start=examples_seen)
         # Shapes, mean/std and each array's PartitionSpec on the mesh (stats jitted: multi-host safe).
         parameter_overview.log_parameter_overview(state.params, include_stats="global",
                                                   jax_logging_process=0)
@@ -223,32 +296,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if is_writer:
                     workdir_lib.write_png(workdir_lib.samples_dir(workdir) / f"{name}_{step:08d}.png", grid)
 
-        with _Preemption() as preemption:
+        with _Preemption(manager) as preemption:
             step = initial_step
             for step in range(initial_step + 1, config.num_train_steps + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
                     state, metrics = p_train_step(state, batch)
+                examples_seen += config.batch_size
                 for hook in hooks:
                     hook(step)
                 last = step == config.num_train_steps
                 if step % config.log_every_steps == 0 or last:
                     metrics = jax.device_get(metrics)
                     writer.write_scalars(step, metrics)
-                    skips = int(jax.device_get(state.consecutive_skips))
-                    if config.max_consecutive_skips and skips >= config.max_consecutive_skips:
+                    try:
+                        check_skips(config, state, step, workdir)
+                    except FloatingPointError:
                         manager.wait_until_finished()
-                        raise FloatingPointError(
-                            f"{skips} consecutive training steps had a non-finite loss or gradient "
-                            f"(up to step {step}); stopping. The last checkpoint in {workdir} is intact. "
-                            f"Lower config.learning_rate, set config.grad_clip_norm, or raise "
-                            f"config.max_consecutive_skips.")
+                        raise
+                preempted = preemption.reached(step)
                 if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 or last \
-                        or preemption.requested:
-                    checkpointing.save(manager, step, state, input_pipeline.save_args(train_iter))
-                if preemption.requested:
+                        or preempted:
+                    checkpointing.save(manager, step, state, input_pipeline.data_state(config, examples_seen))
+                if preempted:
                     manager.wait_until_finished()
-                    logging.warning("Saved step %d after SIGTERM; exiting.", step)
+                    logging.warning("Saved step %d after SIGTERM (preemption, agreed by all %d processes); "
+                                    "exiting.", step, jax.process_count())
                     return state
                 if config.eval_every_steps and step % config.eval_every_steps == 0 or last:
                     run_eval(step)

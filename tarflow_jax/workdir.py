@@ -14,9 +14,11 @@ crash never leaves a half-written file that a later run would read.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
+import shutil
 
 import jax
 import ml_collections
@@ -52,6 +54,36 @@ def write_atomic(path: str | epath.Path, data: bytes) -> None:
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def check_writable(workdir: str | epath.Path, need_bytes: int = 0) -> None:
+    """Fails early, with the reason, when ``workdir`` cannot take the run's files.
+
+    Creates the workdir, writes and removes a probe file (every process), and on a local
+    disk checks that at least ``need_bytes`` are free (e.g. one checkpoint of the train
+    state). Call it before anything is compiled.
+
+    Raises:
+      OSError: the workdir cannot be created or written (errno of the failure), or its
+        disk has fewer than ``need_bytes`` free (``errno.ENOSPC``); the message names the
+        workdir and what to do.
+    """
+    path = workdir_path(workdir)
+    probe = path / f".write_probe_{jax.process_index()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"tarflow_jax write probe\n")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write to the workdir {path}: {e.strerror or e}. Pass a --workdir "
+                               f"this process may write to (or fix its permissions)") from e
+    if "://" in str(workdir) or not need_bytes:
+        return
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise OSError(errno.ENOSPC, f"the workdir {path} has {free / 2**30:.2f} GiB free, but one checkpoint "
+                                    f"of this run needs about {need_bytes / 2**30:.2f} GiB. Free some space "
+                                    f"or pass a --workdir on a larger disk")
 
 
 def save_config(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> None:

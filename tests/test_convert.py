@@ -42,7 +42,7 @@ def test_mismatch_names_key_and_shapes(parity_path):
     wider = TarFlow(**{**cfg, "channels": 192})
     with pytest.raises(ValueError, match=r"'blocks\.0\.pos_embed' has shape \(64, 128\).*expects \(64, 192\)"):
         from_torch_state_dict(state, wider)
-    with pytest.raises(ValueError, match="names layer 1, but the model has layers_per_block=1"):
+    with pytest.raises(ValueError, match=r"names layer 1, but the model has layers 0..0 \(layers_per_block=1\)"):
         from_torch_state_dict(state, TarFlow(**{**cfg, "layers_per_block": 1}))
     with pytest.raises(ValueError, match="leaves .* variables unset, first params/blocks_4"):
         from_torch_state_dict(state, TarFlow(**{**cfg, "num_blocks": 5}))

@@ -95,35 +95,45 @@ def test_same_seed_same_batches_other_seed_differs():
     assert not np.array_equal(first[0]["image"], other["image"])
 
 
-def test_exact_resume_with_get_state_set_state():
+def global_batches(config, process_count, num, start=0):
+    """``num`` global batches assembled from the ``process_count`` processes' shards."""
+    shards = [take(ip.create_train_iterator(config, i, process_count, start=start), num)
+              for i in range(process_count)]
+    return [{key: np.concatenate([shards[i][k][key] for i in range(process_count)]) for key in ("image", "label")}
+            for k in range(num)]
+
+
+def test_resume_from_the_global_position_on_any_process_count():
+    """A stream stopped after 3 batches continues exactly on 1, 2 or 4 processes (and another batch size)."""
     config = make_config(random_flip=True)
-    iterator = ip.create_train_iterator(config)
-    take(iterator, 3)
-    state = iterator.get_state()
-    expected = take(iterator, 2)
-    resumed = ip.create_train_iterator(config)
-    resumed.set_state(state)
-    assert_batches_equal(expected, take(resumed, 2))
+    whole = take(ip.create_train_iterator(config, 0, 1), 6)
+    position = 3 * config.batch_size
+    assert ip.data_state(config, position) == {"format": ip.DATA_STATE_FORMAT, "examples_seen": 96,
+                                               "batch_size": 32, "seed": 0}
+    assert ip.resume_position(ip.data_state(config, position), 3, config) == 96
+    for count in (1, 2, 4):
+        assert_batches_equal(whole[3:], global_batches(config, count, 3, start=position))
+    config.batch_size = 16  # the position counts examples, so the batch size may change too
+    halves = global_batches(config, 2, 2, start=position)
+    assert_batches_equal([whole[3]], [{k: np.concatenate([h[k] for h in halves]) for k in ("image", "label")}])
+    config.batch_size = 32
+    past_epoch = 47 * 32  # 1,504 examples: the second epoch (another permutation) began 4 examples ago
+    assert_batches_equal(take(ip.create_train_iterator(config, 0, 1), 48)[47:],
+                         global_batches(config, 2, 1, start=past_epoch))
 
 
-def test_exact_resume_through_orbax_checkpoint_manager(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+def test_old_per_process_grain_states_give_the_global_position():
+    """Checkpoints written before the position became global held one grain state per process."""
     config = make_config(random_flip=True)
-    iterator = ip.create_train_iterator(config)
-    take(iterator, 3)
-    params = {"w": np.arange(4.0)}
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.save(3, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(params), data=ip.save_args(iterator)))
-        manager.wait_until_finished()
-    expected = take(iterator, 2)
-
-    resumed = ip.create_train_iterator(config)
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        restored = manager.restore(3, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(params), data=ip.restore_args(resumed)))
-    np.testing.assert_array_equal(restored.state["w"], params["w"])
-    assert_batches_equal(expected, take(resumed, 2))
+    old = ip.create_train_iterator(config, 1, 2)  # the old pipeline is the new one from position 0
+    take(old, 3)
+    stored = {"grain_states": [{"next_index": 3}, old.get_state()]}
+    position = ip.resume_position(stored, 3, config)
+    assert position == 3 * config.batch_size
+    assert_batches_equal(take(old, 2), take(ip.create_train_iterator(config, 1, 2, start=position), 2))
+    assert ip.resume_position(None, 5, config) == 5 * 32  # no data item (e.g. converted): the step
+    with pytest.raises(ValueError, match="disagree"):
+        ip.resume_position({"grain_states": [{"next_index": 3}, {"next_index": 4}]}, 3, config)
 
 
 def test_process_shards_are_disjoint_and_cover_the_epoch():
@@ -211,15 +221,41 @@ def test_data_workers_give_the_same_batches():
     iterator = ip.create_train_iterator(config)
     try:
         assert_batches_equal(expected[:2], take(iterator, 2))
-        state = iterator.get_state()
     finally:
         iterator.close()
-    resumed = ip.create_train_iterator(config)
+    resumed = ip.create_train_iterator(config, start=2 * config.batch_size)  # resumed with workers
     try:
-        resumed.set_state(state)
         assert_batches_equal(expected[2:], take(resumed, 2))
     finally:
         resumed.close()
+
+
+# ------------------------------------------------------------------ model and data agree
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model.num_classes", 5, r"config.model.num_classes=5 but the dataset 'digits' has 10 classes.*"
+                             r"--config.model.num_classes=10"),
+    ("model.num_classes", 12, "has 10 classes"),
+    ("dataset.label_key", None, "config.dataset.label_key is None"),
+    ("dataset.image_size", 16, r"train split 'train' of 'digits' does not fit.*\(8, 8, 1\) is not 16x16"),
+    ("dataset.channels", 2, "config.dataset.channels must be 1 or 3"),
+    ("dataset.num_levels", 256, r"num_levels=256 must be in 2..17"),
+])
+def test_model_and_data_must_agree(field, value, match):
+    config = make_config()
+    config.model = ml_collections.ConfigDict(dict(num_classes=10))
+    ip.check_config_against_data(config)  # the digits defaults agree
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=match):
+        ip.check_config_against_data(config)
+
+
+def test_unconditional_model_or_resize_agree_with_any_labels_and_sizes():
+    config = make_config(image_size=16, resize="center_crop", channels=3, num_levels=4)
+    config.model = ml_collections.ConfigDict(dict(num_classes=0))
+    ip.check_config_against_data(config)
 
 
 # -------------------------------------------------------------------------------- TFDS
@@ -248,6 +284,17 @@ def test_tfds_mock_data_source_batches(tmp_path):
         assert batch["image"].shape == (4, 16, 16, 1) and batch["image"].max() < 32
         eval_batches = list(ip.create_eval_iterator(config, 8, 0, 1))
         assert [b["mask"].sum() for b in eval_batches] == [8, 2]
+
+
+def test_tfds_classes_checked_against_the_dataset_info(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = tfds_config(tmp_path)
+    config.model = ml_collections.ConfigDict(dict(num_classes=10))
+    with tfds.testing.mock_data(num_examples=4):
+        ip.check_config_against_data(config)
+        config.model.num_classes = 100
+        with pytest.raises(ValueError, match="num_classes=100 but the dataset 'cifar10' has 10 classes"):
+            ip.check_config_against_data(config)
 
 
 def test_tfds_unknown_feature_key(tmp_path):
@@ -356,6 +403,19 @@ def test_wrong_size_without_resize(image_folder):
     iterator = ip.create_train_iterator(folder_config(image_folder, resize=None))
     with pytest.raises(ValueError, match="resize = 'center_crop'"):
         next(iterator)
+    with pytest.raises(ValueError, match="resize = 'center_crop'"):  # also when channels convert
+        next(ip.create_train_iterator(folder_config(image_folder, resize=None, channels=1)))
+    with pytest.raises(ValueError, match="does not fit the config.*resize"):  # at start-up
+        ip.check_config_against_data(folder_config(image_folder, resize=None), splits=("train",))
+
+
+def test_folder_classes_checked(image_folder):
+    config = folder_config(image_folder)
+    config.model = ml_collections.ConfigDict(dict(num_classes=2))
+    ip.check_config_against_data(config, splits=("train",))
+    config.model.num_classes = 3
+    with pytest.raises(ValueError, match="num_classes=3 but the dataset 'folder' has 2 classes"):
+        ip.check_config_against_data(config, splits=("train",))
 
 
 # -------------------------------------------------------------- image-net.org Imagenet64x64

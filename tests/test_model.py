@@ -203,8 +203,14 @@ def test_bad_inputs(tiny_cond, tiny_uncond):
         model.apply(variables, jnp.zeros((2, 8, 8, 3)), None)
     with pytest.raises(ValueError, match=r"image shape \(16, 16, 1\)"):
         model.apply(variables, jnp.zeros((2, 16, 16, 1)), None)
-    with pytest.raises(ValueError, match="must be < num_classes=3"):
+    with pytest.raises(ValueError, match=r"must be in \[-1, num_classes=3\)"):
         model.apply(variables, good, jnp.array([0, 3]))
+    with pytest.raises(ValueError, match=r"must be in \[-1, num_classes=3\).*from -2"):
+        model.apply(variables, good, jnp.array([-2, 1]))
+    with pytest.raises(ValueError, match="attn_temp must be > 0"):
+        model.apply(variables, good, jnp.array([0, 1]), guidance=1.0, attn_temp=0.0, method=TarFlow.reverse)
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        model.apply(variables, good, jnp.array([0, 1]), guidance=float("nan"), method=TarFlow.reverse)
     with pytest.raises(ValueError, match="guide_what must be one of"):
         model.apply(variables, good, jnp.array([0, 1]), guidance=1.0, guide_what="c", method=TarFlow.reverse)
     with pytest.raises(ValueError, match="solver must be one of"):
@@ -225,3 +231,44 @@ def test_jacobi_exact_after_segment_length_iterations(tiny_uncond):
     exact = run(JacobiPlan(max_iters=None, tol=0.0))  # T-1 iterations: exact by construction
     np.testing.assert_allclose(exact, cached, atol=2e-6)
     assert float(jnp.abs(run(JacobiPlan(max_iters=2, tol=0.0)) - cached).max()) > 1e-4
+
+
+def test_labels_outside_the_classes_under_jit_never_read_another_row(tiny_cond):
+    """Traced labels outside [-1, num_classes) give NaN for that example; the others are untouched."""
+    model, variables = tiny_cond
+    x = jax.random.uniform(jax.random.key(5), (4, 8, 8, 1), minval=-1, maxval=1)
+    forward = jax.jit(lambda y: model.apply(variables, x, y))
+    z, logdet = forward(jnp.array([0, 3, -2, 2]))
+    z_ok, logdet_ok = model.apply(variables, x, jnp.array([0, 1, -1, 2]))
+    assert np.isnan(np.asarray(logdet)[1:3]).all() and np.isnan(np.asarray(z)[1:3]).all()
+    np.testing.assert_allclose(np.asarray(logdet)[[0, 3]], np.asarray(logdet_ok)[[0, 3]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(z)[[0, 3]], np.asarray(z_ok)[[0, 3]], atol=1e-6)
+
+
+def test_guidance_one_rule_for_concrete_and_traced_values(tiny_cond):
+    """Negative guidance is applied, concrete or traced; -1 is exactly the unguided prediction."""
+    model, variables = tiny_cond
+    perturbed = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), variables)
+    z = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
+    y = jnp.array([0, 1, 2])
+    reverse = lambda w, labels=y, **kw: model.apply(perturbed, z, labels, guidance=w, method=TarFlow.reverse, **kw)
+    traced = jax.jit(lambda w: reverse(w))
+    for w in (-0.5, -1.0, 0.0, 1.5):
+        np.testing.assert_allclose(reverse(w), traced(jnp.float32(w)), atol=1e-4, err_msg=f"guidance {w}")
+    assert float(jnp.abs(reverse(-0.5) - reverse(0.0)).max()) > 1e-3  # applied, not switched off
+    unguided = reverse(0.0, labels=jnp.full((3,), -1))
+    np.testing.assert_allclose(reverse(-1.0), unguided, atol=1e-4)
+
+
+def test_non_positive_attention_temperature_is_guarded_under_jit(tiny_uncond):
+    """A traced attn_temp <= 0 (or NaN) is raised to MIN_ATTN_TEMP: finite samples, never NaN."""
+    from tarflow_jax.sampling import MIN_ATTN_TEMP
+    model, variables = tiny_uncond
+    perturbed = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), variables)
+    z = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    sample = jax.jit(lambda t: model.apply(perturbed, z, guidance=1.0, attn_temp=t, method=TarFlow.reverse))
+    floor = np.asarray(sample(jnp.float32(MIN_ATTN_TEMP)))
+    assert np.isfinite(floor).all()
+    for t in (0.0, -1.0, float("nan")):
+        np.testing.assert_array_equal(np.asarray(sample(jnp.float32(t))), floor)
+    assert float(np.abs(np.asarray(sample(jnp.float32(0.5))) - floor).max()) > 0
