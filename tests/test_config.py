@@ -111,7 +111,7 @@ def documented_overrides():
             if program and code:
                 program_of_block[block] = program
             program = program or (program_of_block.get(block, "main") if code else "main")
-            given = re.search(r"--config=(configs/[\w.:]+)", line)
+            given = re.search(r"--config=(configs/(?!NAME)[\w.:]+)", line)  # not the configs/NAME.py pattern
             last_config = given.group(1) if given else last_config
             for field, value in OVERRIDE.findall(line):
                 value = value.rstrip(".,;")  # the end of a sentence
