@@ -48,6 +48,18 @@ def _batch_sums(variables: Any, batch: dict[str, jax.Array], rng: jax.Array, *, 
             "iw_sum": jnp.sum(iw_bpd * mask), "count": jnp.sum(mask)}
 
 
+def jit_eval_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  num_draws: int = 1):
+    """The jitted eval step a run executes: ``step(variables, batch, rng) -> masked sums``.
+
+    ``batch`` is an eval batch (``image``, ``label``, ``mask``) split over the data axes of
+    ``mesh``; the forward pass runs per device (see :func:`_batch_sums`). It can be
+    ``.trace``d with abstract arguments (the compile-only dry run does).
+    """
+    return jax.jit(functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
+                                     num_draws=num_draws, mesh=mesh))
+
+
 def evaluate_bits_per_dim(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
                           mesh: jax.sharding.Mesh, num_draws: int = 1, seed: int = 0
                           ) -> dict[str, float]:
@@ -64,8 +76,7 @@ def evaluate_bits_per_dim(model: TarFlow, variables: Any, config: ml_collections
     if batch_size % ways:
         raise ValueError(f"config.eval.batch_size={batch_size} is not divisible by the {ways} "
                          f"data-parallel devices")
-    step = jax.jit(functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
-                                     num_draws=num_draws, mesh=mesh))
+    step = jit_eval_step(model, config, mesh, num_draws)
     batch_sharding = sharding.batch_sharding(mesh)
     variables = sharding.put_on_mesh(variables, mesh)  # e.g. single-device arrays from `load`
     totals = {"sum": 0.0, "sum_sq": 0.0, "iw_sum": 0.0, "count": 0.0}

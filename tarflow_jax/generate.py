@@ -21,16 +21,13 @@ from tarflow_jax.flow import TarFlow
 from tarflow_jax.train import image_grid, to_uint8
 
 
-def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                      denoise: bool = False):
-    """``draw(variables, rng, labels=None)``: images in ``[-1, 1]`` sampled data-parallel on ``mesh``.
+def jit_sample_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    denoise: bool = False):
+    """The jitted sampler :func:`sharded_sample_fn` runs: ``draw(variables, key_data, labels)``.
 
-    The same images as :func:`tarflow_jax.train.sample` (same latents from ``rng``; batch
-    ``labels.shape[0]``, or ``config.sample.batch_size`` for unconditional models), but
-    each device inverts only its slice of the batch, with the parameters (FSDP- or
-    tensor-sharded ones included) gathered onto every device. Any batch size works
-    (padded to a multiple of the device count). The result is replicated on every device,
-    so every process can read it (``jax.device_get``) in multi-host runs.
+    ``key_data`` is a raw ``uint32[2]`` key and ``labels`` ``int32 (B,)`` or ``None``, both
+    replicated on ``mesh``; returns images ``(B, H, W, C)`` in ``[-1, 1]``, replicated. It
+    can be ``.trace``d with abstract arguments (the compile-only dry run does).
     """
     s = config.sample
     shape = (model.img_size, model.img_size, model.in_channels)
@@ -52,7 +49,21 @@ def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: j
         z = jax.random.normal(rng, (batch, *shape))  # as in train.sample: mesh-independent
         return invert_per_device(variables, z, labels)
 
-    jitted = jax.jit(draw, out_shardings=sharding.replicated(mesh))
+    return jax.jit(draw, out_shardings=sharding.replicated(mesh))
+
+
+def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                      denoise: bool = False):
+    """``draw(variables, rng, labels=None)``: images in ``[-1, 1]`` sampled data-parallel on ``mesh``.
+
+    The same images as :func:`tarflow_jax.train.sample` (same latents from ``rng``; batch
+    ``labels.shape[0]``, or ``config.sample.batch_size`` for unconditional models), but
+    each device inverts only its slice of the batch, with the parameters (FSDP- or
+    tensor-sharded ones included) gathered onto every device. Any batch size works
+    (padded to a multiple of the device count). The result is replicated on every device,
+    so every process can read it (``jax.device_get``) in multi-host runs.
+    """
+    jitted = jit_sample_step(model, config, mesh, denoise)
 
     def call(variables: Any, rng: jax.Array, labels: Any = None) -> jax.Array:
         # Key and labels (the same on every process) enter replicated over the whole mesh.

@@ -126,16 +126,61 @@ def init_state(rng: jax.Array, *, model: TarFlow, tx: optax.GradientTransformati
         consecutive_skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
 
+def abstract_train_state(config: ml_collections.ConfigDict, model: TarFlow,
+                         tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                         ) -> tuple[TrainState, Any]:
+    """The train state as ``jax.ShapeDtypeStruct`` leaves placed on ``mesh``, and its shardings.
+
+    Nothing is allocated (``jax.eval_shape``); the leaves carry the shardings a real run
+    gives the state, so ``jit(...).trace(abstract, ...)`` compiles exactly the real step
+    (the compile-only dry run, ``tarflow_jax.tools.aot``, relies on this).
+    """
+    init_fn = functools.partial(init_state, model=model, tx=tx, config=config)
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+    shardings = sharding.logical_shardings(boxed, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(boxed), shardings, is_leaf=lambda a: a is None)
+    return abstract, shardings
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: TarFlow,
                        tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
                        ) -> tuple[TrainState, Any]:
     """The train state created sharded on ``mesh`` (never whole on one device), and its shardings."""
     init_fn = functools.partial(init_state, model=model, tx=tx, config=config)
+    _, shardings = abstract_train_state(config, model, tx, mesh)
     rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(init_fn, rng)
-    shardings = sharding.logical_shardings(abstract, mesh)
     state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state, shardings
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model: TarFlow,
+                   tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   mesh: jax.sharding.Mesh, state_shardings: Any):
+    """The jitted :func:`train_step` a run executes: state donated, batch split over the data axes.
+
+    Call it (or ``.trace(state, batch)`` it with abstract arguments) inside the mesh and
+    logical-axis-rule context of :func:`train_and_evaluate`.
+    """
+    return jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,))
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int,
+                   eval_batch: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of a global input batch (see ``input_pipeline``), unallocated."""
+    d = config.dataset
+    where = sharding.batch_sharding(mesh)
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, d.image_size, d.image_size, d.channels),
+                                           jnp.uint8, sharding=where),
+             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=where)}
+    if eval_batch:
+        batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_, sharding=where)
+    return batch
 
 
 # ---------------------------------------------------------------------------- steps
@@ -273,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch_sharding = sharding.batch_sharding(mesh)
 
     # `with mesh` (not jax.set_mesh): Flax would constrain DenseGeneral kernels at their flat init shape.
-    with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with sharding.mesh_context(mesh):
         state, state_shardings = create_train_state(config, model, tx, mesh)
         manager = checkpointing.create_manager(workdir, config)
         if manager.latest_step() is not None:
@@ -286,11 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                   jax_logging_process=0)
         initial_step = int(state.step)
 
-        p_train_step = jax.jit(
-            functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=(0,))
+        p_train_step = jit_train_step(config, model, tx, schedule, mesh, state_shardings)
         from tarflow_jax import generate  # generate imports this module
         p_sample = {denoise: generate.sharded_sample_fn(model, config, mesh, denoise=denoise)
                     for denoise in (False, True)}  # each device samples its slice (shard_map)
