@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
     c.model.update(img_size=64, in_channels=3, patch_size=2, channels=768, num_blocks=8,
                    layers_per_block=8, num_classes=0, dtype="float32", remat=True)
     c.noise = "uniform"
+    c.matmul_precision = "highest"  # float32 likelihood: true float32 matmuls on TPU/GPU
     c.batch_size = 256
     c.num_train_steps = 100 * STEPS_PER_EPOCH
     c.warmup_steps = STEPS_PER_EPOCH

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tarflow_jax import checkpointing, input_pipeline, sharding
+from tarflow_jax import checkpointing, configlib, input_pipeline, sharding
 from tarflow_jax.flow import TarFlow
 from tarflow_jax.likelihood import bits_per_dim, dequantize
 
@@ -56,8 +56,14 @@ def jit_eval_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.s
     ``mesh``; the forward pass runs per device (see :func:`_batch_sums`). It can be
     ``.trace``d with abstract arguments (the compile-only dry run does).
     """
-    return jax.jit(functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
-                                     num_draws=num_draws, mesh=mesh))
+    sums = functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
+                             num_draws=num_draws, mesh=mesh)
+
+    def step(variables, batch, rng):
+        with configlib.matmul_precision(config):
+            return sums(variables, batch, rng)
+
+    return jax.jit(step)
 
 
 def evaluate_bits_per_dim(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tarflow_jax import checkpointing, sharding
+from tarflow_jax import checkpointing, configlib, sharding
 from tarflow_jax.flow import TarFlow
 from tarflow_jax.train import image_grid, to_uint8
 
@@ -47,7 +47,8 @@ def jit_sample_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax
     def draw(variables, rng, labels):
         batch = s.batch_size if labels is None else labels.shape[0]
         z = jax.random.normal(rng, (batch, *shape))  # as in train.sample: mesh-independent
-        return invert_per_device(variables, z, labels)
+        with configlib.matmul_precision(config):
+            return invert_per_device(variables, z, labels)
 
     return jax.jit(draw, out_shardings=sharding.replicated(mesh))
 

@@ -87,12 +87,15 @@ def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh):
-    """The context the train step is traced in: ``mesh`` and the logical-axis rules.
+    """The context the train step is traced in: ``mesh`` as JAX's current mesh, and the logical-axis rules.
 
-    ``train_and_evaluate`` and the compile-only dry run (``tarflow_jax.tools.aot``) both
-    trace their steps inside it, so they compile the same program.
+    ``jax.set_mesh`` (not the legacy ``with mesh:``) is what makes the layers' activation
+    constraints (``nn.with_logical_constraint``) take effect: Flax applies them only when
+    ``jax.sharding.get_abstract_mesh()`` is set. ``train_and_evaluate`` and the
+    compile-only dry run (``tarflow_jax.tools.aot``) both trace their steps inside it, so
+    they compile the same program.
     """
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         yield
 
 

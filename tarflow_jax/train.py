@@ -17,7 +17,7 @@ import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from tarflow_jax import checkpointing, evaluate, input_pipeline, sharding
+from tarflow_jax import checkpointing, configlib, evaluate, input_pipeline, layers, sharding
 from tarflow_jax.flow import TarFlow, patchify
 from tarflow_jax.likelihood import add_noise, dequantize, flow_loss, to_unit_range
 
@@ -52,8 +52,13 @@ def create_model(config: ml_collections.ConfigDict) -> TarFlow:
     return TarFlow(**kwargs)
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises a ValueError naming the field of an inconsistent config (before any compile)."""
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                    platform: str | None = None) -> None:
+    """Raises a ValueError naming the field of an inconsistent config (before any compile).
+
+    ``num_devices`` checks the mesh and batch split; ``platform`` (``"tpu"``, ``"gpu"``,
+    ``"cpu"``) checks that ``config.model.attention`` can run there.
+    """
     m, d = config.model, config.dataset
     if m.img_size % m.patch_size:
         raise ValueError(f"config.model.img_size={m.img_size} is not divisible by "
@@ -67,6 +72,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     if d.channels != m.in_channels:
         raise ValueError(f"config.dataset.channels={d.channels} differs from "
                          f"config.model.in_channels={m.in_channels}")
+    if config.get("matmul_precision", "default") not in configlib.MATMUL_PRECISIONS:
+        raise ValueError(f"config.matmul_precision must be one of {configlib.MATMUL_PRECISIONS}; got "
+                         f"{config.matmul_precision!r}")
     if config.noise not in NOISE_KINDS:
         raise ValueError(f"config.noise must be one of {NOISE_KINDS}; got {config.noise!r}")
     if config.noise == "gaussian" and not config.noise_std > 0:
@@ -81,6 +89,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 disables EMA)")
     if not 0 <= config.label_drop < 1:
         raise ValueError(f"config.label_drop={config.label_drop} must be in [0, 1)")
+    if platform is not None:
+        layers.check_attention(m.get("attention", "xla"), platform, jnp.dtype(m.get("dtype", "float32")),
+                               (m.img_size // m.patch_size) ** 2)
     if num_devices is not None:
         shape = sharding.mesh_shape(config.mesh, num_devices)
         ways = math.prod(shape[a] for a in sharding.BATCH_AXES)
@@ -164,7 +175,8 @@ def jit_train_step(config: ml_collections.ConfigDict, model: TarFlow,
     logical-axis-rule context of :func:`train_and_evaluate`.
     """
     return jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+                          param_shardings=state_shardings.params),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,))
@@ -194,8 +206,15 @@ def prepare_images(rng: jax.Array, pixels: jax.Array, config: ml_collections.Con
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One AdamW step; a non-finite loss or gradient leaves parameters and optimizer state unchanged."""
+               config: ml_collections.ConfigDict, param_shardings: Any = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One AdamW step; a non-finite loss or gradient leaves parameters and optimizer state unchanged.
+
+    The forward and backward passes run at ``config.matmul_precision``. ``param_shardings``
+    (the parameters' shardings; :func:`jit_train_step` passes them) constrains the gradients
+    to the parameters' layout, so that under FSDP each weight gradient leaves the backward
+    pass as a reduce-scatter into its shard.
+    """
     noise_rng, drop_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     x = prepare_images(noise_rng, batch["image"], config)
     y = None
@@ -209,7 +228,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
         loss, prior, logdet_term = flow_loss(z, logdet)
         return loss, (prior, logdet_term, z)
 
-    (loss, (prior, logdet_term, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    with configlib.matmul_precision(config):
+        (loss, (prior, logdet_term, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if param_shardings is not None:  # FSDP: reduce-scatter each gradient into its shard
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -307,7 +329,7 @@ class _Preemption:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (resuming from ``workdir`` if it holds a checkpoint), evaluates, samples, checkpoints."""
-    validate_config(config, jax.device_count())
+    validate_config(config, jax.device_count(), jax.devices()[0].platform)
     mesh = sharding.create_mesh(config.mesh)
     model = create_model(config)
     tx, schedule = create_optimizer(config)
@@ -317,7 +339,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    # `with mesh` (not jax.set_mesh): Flax would constrain DenseGeneral kernels at their flat init shape.
     with sharding.mesh_context(mesh):
         state, state_shardings = create_train_state(config, model, tx, mesh)
         manager = checkpointing.create_manager(workdir, config)
