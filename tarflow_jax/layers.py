@@ -168,7 +168,8 @@ def check_attention(attention: str, platform: str, dtype: Dtype, num_tokens: int
                              f"{jnp.dtype(dtype).name}. Set config.model.dtype='bfloat16' or use attention='xla'.")
 
 
-def _splash_blocks(num_tokens: int):
+def splash_block_sizes(num_tokens: int):
+    """The splash kernel's block sizes for ``num_tokens`` (a multiple of 128): the largest of 512/256/128 dividing it."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     block = next(b for b in (512, 256, 128) if num_tokens % b == 0)
@@ -192,7 +193,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> 
     def local(q, k, v):
         heads, t = q.shape[2], q.shape[1]
         mask = sa.MultiHeadMask([sa.CausalMask((t, t)) for _ in range(heads)])
-        kernel = sa.make_splash_mha(mask, block_sizes=_splash_blocks(t), head_shards=1, q_seq_shards=1,
+        kernel = sa.make_splash_mha(mask, block_sizes=splash_block_sizes(t), head_shards=1, q_seq_shards=1,
                                     interpret=_SPLASH_INTERPRET[0])
         to_heads = lambda a: jnp.swapaxes(a, 1, 2)
         out = jax.vmap(kernel)(to_heads(q * jnp.asarray(scale, q.dtype)), to_heads(k), to_heads(v))
@@ -249,7 +250,8 @@ class TransformerLayer(nn.Module):
         q = q / temp.astype(q.dtype)[:, None, None, None]
         scale = 1.0 / math.sqrt(hd)
         if cache is None:
-            out = full_attention(q, k, v, scale, self.attention)
+            # Initialisation only needs shapes: the XLA path, which runs anywhere.
+            out = full_attention(q, k, v, scale, "xla" if self.is_initializing() else self.attention)
         else:
             cache = {"k": cache_write(cache["k"], k, pos), "v": cache_write(cache["v"], v, pos)}
             out = cached_attention(q, cache["k"], cache["v"], pos, scale)

@@ -354,7 +354,9 @@ def compile_program(name: str, description: str, jitted: Any, args: Sequence[Any
         os.makedirs(hlo_dir, exist_ok=True)
         with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
             f.write(text)
-    stats = hlo_stats.analyze(text)
+    from tarflow_jax import layers
+
+    stats = hlo_stats.analyze(text, splash_block=lambda tokens: layers.splash_block_sizes(tokens).block_q)
     program.hlo = stats.to_dict()
     program.loops = stats.loops
     collective_bytes = sum(c["bytes"] for c in stats.collectives.values())
@@ -397,7 +399,7 @@ def dry_run(config: Any, topology: Topology, programs: Sequence[str] = ("train",
     if unknown:
         raise ValueError(f"--programs: unknown {sorted(unknown)}; choose from train, eval, sample")
     devices = compile_only_devices(topology)
-    train.validate_config(config, len(devices))
+    train.validate_config(config, len(devices), devices[0].platform)
     mesh = sharding.create_mesh(config.mesh, devices)
     model = train.create_model(config)
     tx, schedule = train.create_optimizer(config)
@@ -526,6 +528,8 @@ def format_program(p: Program, chip: Chip) -> str:
         coll = ", ".join(f"{k} {v['executed']:.0f}× {_si(v['bytes'])}B" for k, v in sorted(h["collectives"].items()))
         lines.append(f"   collectives  {coll or 'none'} per step (ICI time at full bandwidth, if not overlapped: "
                      f"{_ms(r['ici_s'])})")
+        if h.get("opaque_kernels"):
+            lines.append(f"   note         {h['opaque_kernels']} custom kernel(s) whose FLOPs are not visible (not counted)")
         if h.get("unknown_trip_counts"):
             lines.append(f"   note         {h['unknown_trip_counts']} loop(s) with an unknown trip count counted once")
     for w in p.warnings[:12]:

@@ -14,7 +14,9 @@ computation by how often it runs:
 * **FLOPs** are those of matrix units only: every ``dot`` and ``convolution`` (TPU
   compilers turn most dots into convolutions), inside fusions too, counted with XLA's own
   convolution rule (``2 · batch · out_features · in_features/groups · valid
-  input/kernel position pairs``); elementwise work is not counted;
+  input/kernel position pairs``), plus the splash-attention Pallas kernels, whose matmuls
+  XLA cannot see (:meth:`_Module.kernel_flops`); elementwise work, and matmuls XLA lowers
+  to vector reductions (a batch of one row per chip), are not counted;
 * **MXU passes**: a float32 matmul at ``precision=HIGHEST`` runs as 6 bfloat16 passes on a
   TPU's matrix unit and ``HIGH`` as 3 (``DEFAULT`` converts the operands to bfloat16: 1);
   ``bf16_equivalent_flops`` weights each matmul by its passes, for a roofline against the
@@ -76,6 +78,7 @@ class Stats:
     bytes_accessed: float = 0.0
     collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     unknown_trip_counts: int = 0
+    opaque_kernels: int = 0  # custom kernels whose FLOPs are unknown (not counted)
     loops: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
     def add(self, other: "Stats", times: float = 1.0) -> None:
@@ -88,12 +91,13 @@ class Stats:
             mine["executed"] += times * entry["executed"]
             mine["bytes"] += times * entry["bytes"]
         self.unknown_trip_counts += other.unknown_trip_counts
+        self.opaque_kernels += other.opaque_kernels
 
     def to_dict(self) -> dict[str, Any]:
         return {"flops": self.flops, "bf16_equivalent_flops": self.bf16_equivalent_flops,
                 "bytes_accessed": self.bytes_accessed,
                 "collectives": {k: dict(v) for k, v in sorted(self.collectives.items())},
-                "unknown_trip_counts": self.unknown_trip_counts}
+                "unknown_trip_counts": self.unknown_trip_counts, "opaque_kernels": self.opaque_kernels}
 
 
 def shape_bytes(shape: str) -> float:
@@ -163,27 +167,39 @@ def parse_instruction(line: str) -> Instruction | None:
 
 
 def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
-    """Computations (name → instructions) of an HLO module's text, and the entry's name."""
+    """Computations (name → instructions) of an HLO module's text, and the entry's name.
+
+    An instruction may span several lines (e.g. a custom call's backend config); lines that
+    do not start a new instruction continue the previous one, and only a line holding a
+    lone ``}`` closes a computation.
+    """
     computations: dict[str, list[Instruction]] = {}
-    entry, current = "", None
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("HloModule"):
-            continue
-        if not line[0].isspace() and line.rstrip().endswith("{"):
-            head = line.split("(")[0].split()
-            is_entry = head[0] == "ENTRY"
-            current = head[-1].lstrip("%")
-            computations[current] = []
-            if is_entry:
-                entry = current
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        if current is not None:
-            instr = parse_instruction(line)
+    entry, current, pending = "", None, []
+
+    def flush():
+        if current is not None and pending:
+            instr = parse_instruction(" ".join(pending))
             if instr is not None:
                 computations[current].append(instr)
+        pending.clear()
+
+    for line in text.splitlines():
+        if current is None:
+            if line and not line[0].isspace() and line.rstrip().endswith("{") and "->" in line:
+                head = line.split("(")[0].split()
+                current = head[-1].lstrip("%")
+                computations[current] = []
+                if head[0] == "ENTRY":
+                    entry = current
+            continue
+        if line.strip() == "}":
+            flush()
+            current = None
+        elif _INSTR.match(line):
+            flush()
+            pending.append(line)
+        elif pending:
+            pending.append(line.strip())
     return computations, entry
 
 
@@ -200,7 +216,8 @@ def _callees(attrs: str, key: str) -> list[str]:
 
 
 class _Module:
-    def __init__(self, text: str):
+    def __init__(self, text: str, splash_block: Any = None):
+        self.splash_block = splash_block or (lambda tokens: min(tokens, 512))
         self.computations, self.entry = parse_module(text)
         self.shapes = {i.name: i.shape for instrs in self.computations.values() for i in instrs}
         self.by_name = {i.name: i for instrs in self.computations.values() for i in instrs}
@@ -278,6 +295,27 @@ class _Module:
                     return count
         return 1
 
+    def kernel_flops(self, instr: Instruction) -> float:
+        """FLOPs of a Pallas splash-attention kernel (XLA sees only an opaque custom call).
+
+        Reads ``(B, H, T, hd)`` from the kernel's first 4-D operand layout; counts its
+        ``T×T×hd`` matmuls (forward 2, dq 3, dkv 4) over the causal blocks it visits:
+        ``(n + 1) / 2n`` of them for ``n = T / block`` blocks per side.
+        """
+        match = re.match(r"splash_mha_(fwd|dq|dkv)", instr.name)
+        if not match:
+            return 0.0
+        start = instr.attrs.find("operand_layout_constraints=")
+        layouts = instr.attrs[start:].split("=", 2)[1] if start >= 0 else ""
+        for dtype, dims in _ARRAY.findall(layouts):
+            shape = [int(d) for d in dims.split(",") if d]
+            if len(shape) == 4:
+                batch, heads, tokens, head_dim = shape
+                blocks = max(tokens // self.splash_block(tokens), 1)
+                matmuls = {"fwd": 2, "dq": 3, "dkv": 4}[match.group(1)]
+                return 2.0 * matmuls * batch * heads * tokens * tokens * head_dim * (blocks + 1) / (2 * blocks)
+        return 0.0
+
     # ------------------------------------------------------------------ bytes
     def _param_read_bytes(self, fused: str, index: int, full: float) -> float:
         """Bytes a fusion reads of its ``index``-th operand: slices only, in-place buffers none."""
@@ -353,6 +391,12 @@ class _Module:
                 flops = self.matmul_flops(instr)
                 result.flops += flops
                 result.bf16_equivalent_flops += flops * self.passes(instr)
+            elif instr.opcode == "custom-call":
+                flops = self.kernel_flops(instr)
+                result.flops += flops
+                result.bf16_equivalent_flops += flops
+                if not flops and "tpu_custom_call" in instr.attrs:
+                    result.opaque_kernels += 1
             if not fused:
                 result.bytes_accessed += self.instruction_bytes(instr)
                 coll = self.collective(instr)
@@ -386,9 +430,13 @@ class _Module:
         return result
 
 
-def analyze(hlo_text: str) -> Stats:
-    """Loop-aware per-step costs and collectives of one compiled program's HLO text."""
-    module = _Module(hlo_text)
+def analyze(hlo_text: str, splash_block: Any = None) -> Stats:
+    """Loop-aware per-step costs and collectives of one compiled program's HLO text.
+
+    ``splash_block(T)`` gives the splash-attention block size used for ``T`` tokens (for
+    the kernel's FLOPs; default ``min(T, 512)``).
+    """
+    module = _Module(hlo_text, splash_block)
     if not module.entry:
         raise ValueError("no ENTRY computation in the HLO text")
     stats = module.stats(module.entry)
