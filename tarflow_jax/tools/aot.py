@@ -541,9 +541,36 @@ def format_program(p: Program, chip: Chip) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_HEADER = ("| config | slice (chips) | mesh dcn×data×fsdp×tensor | program | HBM/chip: need of usable "
+                   "(GiB) | fits | FLOPs/chip | HBM bytes/chip | roofline ms/step (bound) | MFU | collectives "
+                   "per step |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown_rows(report: dict[str, Any], config_name: str) -> list[str]:
+    """One Markdown table row per program of a :func:`dry_run` report (see :data:`MARKDOWN_HEADER`)."""
+    m = report["mesh"]
+    mesh = f"{m['dcn']}×{m['data']}×{m['fsdp']}×{m['tensor']}"
+    rows = []
+    for p in report["programs"]:
+        need = f"{p['need_bytes'] / GIB:.1f} of {p['capacity_bytes'] / GIB:.1f}"
+        if not p["memory"].get("argument") and p["error"]:
+            rows.append(f"| {config_name} | {report['slice']} ({report['chips']}) | {mesh} | {p['name']} | "
+                        f"{need} (temporaries; compiler refused) | **no** | | | | | |")
+            continue
+        r, h = p["roofline"], p["hlo"]
+        coll = ", ".join(f"{k} {_si(v['bytes'])}B" for k, v in sorted(h["collectives"].items()))
+        mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else ""
+        rows.append(f"| {config_name} | {report['slice']} ({report['chips']}) | {mesh} | {p['name']} | {need} | "
+                    f"{'yes' if p['fits'] else '**no**'} | {_si(h['bf16_equivalent_flops'])} | "
+                    f"{_si(h['bytes_accessed'])} | {r['step_s'] * 1e3:.0f} ({'compute' if r['bound'] == 'compute' else 'HBM'}) | "
+                    f"{mfu} | {coll} |")
+    return rows
+
+
 # ---------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str]) -> int:
     from absl import flags
+    from ml_collections import config_flags
 
     FLAGS = flags.FLAGS
     del argv
@@ -571,6 +598,15 @@ def main(argv: Sequence[str]) -> int:
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
+    if FLAGS.markdown:
+        name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]).split(":")[0]).removesuffix(".py")
+        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        label = " ".join([f"`{name}`"] + [f"`{o[len('--config.'):]}`" for o in overrides])
+        new_file = not os.path.exists(FLAGS.markdown)
+        with open(FLAGS.markdown, "a") as f:
+            if new_file:
+                f.write(MARKDOWN_HEADER + "\n")
+            f.write("\n".join(markdown_rows(report, label)) + "\n")
     failed = [p for p in report["programs"] if not p["fits"]]
     for p in failed:
         print(f"tarflow_jax.aot: {p['name']} does not fit on {topology.slice_name}: needs "
@@ -589,6 +625,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_slices", 1, "Number of such slices (multislice: the mesh's dcn axis).")
     flags.DEFINE_list("programs", ["train", "eval", "sample"], "Which programs to compile.")
     flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
+    flags.DEFINE_string("markdown", None, "Append one Markdown table row per program to this file.")
     flags.DEFINE_string("hlo_dir", None, "Write each program's optimised HLO text into this folder.")
 
 
