@@ -123,6 +123,14 @@ def test_hlo_stats_weights_loop_bodies_by_their_trip_count():
     assert stats.bytes_accessed >= (8 * 16 + 16 * 32 + 8 * 32) * 4
 
 
+def test_hlo_stats_reads_the_start_and_step_of_a_loop():
+    text = (HLO.replace("%zero = s32[] constant(0)\n  %init", "%zero = s32[] constant(1)\n  %init")
+            .replace("  %j = s32[] get-tuple-element(%q), index=0\n",
+                     "  %j0 = s32[] get-tuple-element(%q), index=0\n  %two = s32[] constant(2)\n"
+                     "  %j = s32[] add(%j0, %two)\n"))
+    assert hlo_stats.analyze(text).loops == [("loop", 2)]  # i = 1, 3 (< 5)
+
+
 def test_hlo_stats_counts_highest_precision_float32_as_six_passes():
     text = HLO.replace("rhs_contracting_dims={0}", "rhs_contracting_dims={0}, operand_precision={highest,highest}")
     stats = hlo_stats.analyze(text)

@@ -223,16 +223,59 @@ class _Module:
         self.by_name = {i.name: i for instrs in self.computations.values() for i in instrs}
         self.trip_counts: list[tuple[str, int]] = []
 
-    def trip_count(self, condition: str) -> int | None:
-        """``N`` of a loop condition ``ROOT compare(i, N), direction=LT`` with ``N`` a constant."""
-        instrs = self.computations.get(condition, [])
-        constants = {i.name: i.operands[0] for i in instrs if i.opcode == "constant" and i.operands}
-        for instr in instrs:
-            if instr.root and instr.opcode == "compare" and "direction=LT" in instr.attrs:
-                for operand in instr.operands[1:]:
-                    if operand in constants and re.fullmatch(r"-?\d+", constants[operand]):
-                        return int(constants[operand])
+    def _local(self, computation: str) -> dict[str, Instruction]:
+        return {i.name: i for i in self.computations.get(computation, [])}
+
+    @staticmethod
+    def _int_constant(instr: Instruction | None) -> int | None:
+        if instr is not None and instr.opcode == "constant" and instr.operands \
+                and re.fullmatch(r"-?\d+", instr.operands[0]):
+            return int(instr.operands[0])
         return None
+
+    def _tuple_index(self, instr: Instruction | None, local: dict[str, Instruction]) -> int | None:
+        """The tuple index ``instr`` reads from the loop parameter (through copies/converts)."""
+        while instr is not None and instr.opcode in ("copy", "convert", "bitcast"):
+            instr = local.get(instr.operands[0])
+        if instr is not None and instr.opcode == "get-tuple-element":
+            match = re.search(r"index=(\d+)", instr.attrs)
+            return int(match.group(1)) if match else None
+        return None
+
+    def trip_count(self, loop: Instruction, computation: str) -> int | None:
+        """Iterations of a ``while``: ``ceil((N - start) / step)`` for ``ROOT compare(i, N), direction=LT``.
+
+        ``i`` is a tuple element of the loop state; ``start`` is its value in the loop's
+        initial tuple (0 when not a constant) and ``step`` the constant the body adds to it
+        (XLA's windowed matmul loops step by 2, for instance).
+        """
+        cond = (_callees(loop.attrs, "condition") or [""])[0]
+        body = (_callees(loop.attrs, "body") or [""])[0]
+        local = self._local(cond)
+        index = limit = None
+        for instr in self.computations.get(cond, []):
+            if instr.root and instr.opcode == "compare" and len(instr.operands) == 2:
+                a, b = (local.get(o) for o in instr.operands)
+                if "direction=LT" in instr.attrs:
+                    index, limit = self._tuple_index(a, local), self._int_constant(b)
+                elif "direction=GT" in instr.attrs:
+                    index, limit = self._tuple_index(b, local), self._int_constant(a)
+        if index is None or limit is None:
+            return None
+        start, step = 0, 1
+        outer = self._local(computation)
+        init = outer.get(loop.operands[0]) if loop.operands else None
+        if init is not None and init.opcode == "tuple" and index < len(init.operands):
+            start = self._int_constant(outer.get(init.operands[index])) or 0
+        body_local = self._local(body)
+        roots = [i for i in self.computations.get(body, []) if i.root and i.opcode == "tuple"]
+        if roots and index < len(roots[0].operands):
+            update = body_local.get(roots[0].operands[index])
+            if update is not None and update.opcode == "add":
+                steps = [self._int_constant(body_local.get(o)) for o in update.operands]
+                steps = [c for c in steps if c]
+                step = steps[0] if steps else 1
+        return max(0, -(-(limit - start) // step)) if step > 0 else None
 
     # ------------------------------------------------------------------ flops
     def matmul_flops(self, instr: Instruction) -> float:
@@ -407,8 +450,7 @@ class _Module:
                     entry["bytes"] += coll[1]
             if instr.opcode == "while":
                 body = (_callees(instr.attrs, "body") or [""])[0]
-                cond = (_callees(instr.attrs, "condition") or [""])[0]
-                trips = self.trip_count(cond)
+                trips = self.trip_count(instr, computation)
                 if trips is None:
                     result.unknown_trip_counts += 1
                     trips = 1
