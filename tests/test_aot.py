@@ -243,14 +243,21 @@ def _config(name, arg=None):
     return module.get_config(arg)
 
 
+def _small_config(**model):
+    """The smoke config with 256 tokens (splash-sized), width 128 and two scanned layers per block."""
+    config = _config("imagenet64_cond", "smoke")
+    config.model.img_size = config.dataset.image_size = 32
+    config.model.update(channels=128, layers_per_block=2, **model)
+    return config
+
+
 @pytest.fixture(scope="module")
 def smoke_report():
-    """The smoke config's three programs compiled for a v5e 2×2 slice (FSDP over 4 chips)."""
+    """A small config's three programs compiled for a v5e 2×2 slice (FSDP over 4 chips)."""
     if aot.missing_libtpu_message():
         pytest.skip("libtpu not installed")
     aot.prepare_environment()
-    config = _config("imagenet64_cond", "smoke")
-    config.model.img_size = config.dataset.image_size = 32  # 256 tokens: splash-sized blocks
+    config = _small_config()
     return config, aot.dry_run(config, aot.parse_topology("v5e:2x2"), log=lambda s: None)
 
 
@@ -265,8 +272,9 @@ def test_smoke_programs_compile_and_fit(smoke_report):
         assert p["roofline"]["step_s"] > 0 and 0 < p["roofline"]["mfu"] < 1
         assert p["hlo"]["unknown_trip_counts"] == 0
     train_flops = report["programs"][0]["hlo"]["flops"]
-    # the compiler's matmuls cover the analytic model FLOPs (remat adds a forward pass)
-    assert 1.0 <= train_flops / report["programs"][0]["model_flops_per_chip"] < 1.6
+    # the compiler's matmuls cover the analytic model FLOPs (remat may add up to a forward
+    # pass; with one layer per block XLA folds the one-step scan and merges the recompute)
+    assert 0.98 <= train_flops / report["programs"][0]["model_flops_per_chip"] < 1.4
 
 
 @needs_libtpu
@@ -277,30 +285,28 @@ def test_fsdp_parameters_are_split_and_gradients_reduce_scattered(smoke_report):
     model = train.create_model(config)
     tx, _ = train.create_optimizer(config)
     state, shardings = train.abstract_train_state(config, model, tx, mesh)
-    leaves = jax.tree.leaves(state)
-    specs = jax.tree.leaves(shardings)
-    total = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
-    sharded = [(x, s) for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.params))
-               if not s.is_fully_replicated]
-    sharded_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x, _ in sharded)
-    assert sharded_bytes > 0.8 * sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(state.params))
-    del specs
+    nbytes = lambda x: math.prod(x.shape) * x.dtype.itemsize
+    total = sum(nbytes(x) for x in jax.tree.leaves(state))
     # per-chip arguments: the state divided over the 4 FSDP shards, plus what stays whole
-    # (1-D parameters, scalars, the batch), plus the TPU's tile padding
-    per_chip = train_program["memory"]["argument"]
-    assert per_chip < 0.45 * total, (per_chip, total)
-    # every FSDP-sharded gradient leaves the backward pass as a reduce-scatter
+    # (1-D parameters, scalars, the batch) and the TPU's tile padding
+    assert train_program["memory"]["argument"] < 0.45 * total, (train_program["memory"], total)
+    # the scanned layers' weight matrices (stacked, FSDP-sharded) have their gradients
+    # reduce-scattered, never all-reduced whole (the bug this guards against all-reduced
+    # ~40 MB per step here and kept ~250 kB of reduce-scatter)
+    stacked = [x for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+               if "layers" in jax.tree_util.keystr(path) and x.ndim >= 3]
+    # the bfloat16 model's weight gradients come out of its matmuls in bfloat16
+    stacked_bytes = sum(math.prod(x.shape) for x in stacked) * jnp.dtype(config.model.dtype).itemsize
     coll = train_program["hlo"]["collectives"]
-    assert coll["reduce-scatter"]["bytes"] >= 0.9 * sharded_bytes, (coll, sharded_bytes)
-    assert coll.get("all-reduce", {"bytes": 0})["bytes"] < 0.25 * coll["reduce-scatter"]["bytes"]
+    scattered = coll.get("reduce-scatter", {"bytes": 0})["bytes"] + coll.get("collective-permute", {"bytes": 0})["bytes"]
+    assert scattered >= 0.9 * stacked_bytes, (coll, stacked_bytes)
+    assert coll.get("all-reduce", {"bytes": 0})["bytes"] < 0.1 * stacked_bytes, (coll, stacked_bytes)
 
 
 @needs_libtpu
 def test_splash_compiles_for_tpu_and_drops_the_attention_matrices():
     aot.prepare_environment()
-    config = _config("imagenet64_cond", "smoke")
-    config.model.img_size = config.dataset.image_size = 32
-    config.model.attention = "splash"
+    config = _small_config(attention="splash")
     report = aot.dry_run(config, aot.parse_topology("v5e:2x2"), programs=["train"], log=lambda s: None)
     program = report["programs"][0]
     assert program["fits"] and program["hlo"]["opaque_kernels"] == 0
