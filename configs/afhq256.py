@@ -16,8 +16,8 @@ def get_config(arg: str | None = None):
     c = configlib.base_config()
     c.dataset.update(name="folder", data_dir="data/afhq", train_split="train", eval_split="test",
                      image_size=256, channels=3, resize="center_crop", random_flip=True)
-    c.model.update(img_size=256, in_channels=3, patch_size=8, channels=768, num_blocks=8,
-                   layers_per_block=8, num_classes=3, dtype="bfloat16", remat=True)
+    c.model.update(patch_size=8, width=768, num_blocks=8, layers_per_block=8, num_classes=3,
+                   dtype="bfloat16", remat=True, scan_layers=True)
     c.noise, c.noise_std = "gaussian", 0.07
     c.label_drop = 0.1
     c.batch_size = 256

@@ -14,8 +14,8 @@ def get_config(arg: str | None = None):
     c = configlib.base_config()
     c.dataset.update(name="tfds", tfds_name="cifar10", train_split="train", eval_split="test",
                      image_size=32, channels=3, random_flip=True)
-    c.model.update(img_size=32, in_channels=3, patch_size=2, channels=512, num_blocks=6,
-                   layers_per_block=4, num_classes=10, dtype="float32")
+    c.model.update(patch_size=2, width=512, num_blocks=6, layers_per_block=4, num_classes=10,
+                   dtype="float32", scan_layers=True)
     c.noise = "uniform"
     c.matmul_precision = "highest"  # float32 likelihood: true float32 matmuls on TPU/GPU
     c.label_drop = 0.1

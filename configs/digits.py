@@ -16,8 +16,7 @@ def get_config(arg: str | None = None):
     c = configlib.base_config()
     c.dataset.update(name="digits", image_size=8, channels=1, num_levels=17, random_flip=False,
                      train_split="train", eval_split="test")
-    c.model.update(img_size=8, in_channels=1, patch_size=2, channels=128, num_blocks=4,
-                   layers_per_block=2, num_classes=10, scan_layers=False)
+    c.model.update(patch_size=2, width=128, num_blocks=4, layers_per_block=2, num_classes=10)
     c.noise = "uniform"
     c.label_drop = 0.1
     c.batch_size = 64

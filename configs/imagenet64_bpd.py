@@ -15,8 +15,8 @@ def get_config(arg: str | None = None):
     c = configlib.base_config()
     c.dataset.update(name="tfds", tfds_name="downsampled_imagenet/64x64", train_split="train",
                      eval_split="validation", label_key=None, image_size=64, channels=3, resize=None)
-    c.model.update(img_size=64, in_channels=3, patch_size=2, channels=768, num_blocks=8,
-                   layers_per_block=8, num_classes=0, dtype="float32", remat=True)
+    c.model.update(patch_size=2, width=768, num_blocks=8, layers_per_block=8, num_classes=0,
+                   dtype="float32", remat=True, scan_layers=True)
     c.noise = "uniform"
     c.matmul_precision = "highest"  # float32 likelihood: true float32 matmuls on TPU/GPU
     c.batch_size = 256

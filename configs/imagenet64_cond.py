@@ -16,8 +16,8 @@ def get_config(arg: str | None = None):
     c.dataset.update(name="tfds", tfds_name="imagenet2012", train_split="train",
                      eval_split="validation", image_size=64, channels=3, resize="center_crop",
                      random_flip=True)
-    c.model.update(img_size=64, in_channels=3, patch_size=2, channels=768, num_blocks=8,
-                   layers_per_block=8, num_classes=1000, dtype="bfloat16", remat=True)
+    c.model.update(patch_size=2, width=768, num_blocks=8, layers_per_block=8, num_classes=1000,
+                   dtype="bfloat16", remat=True, scan_layers=True)
     c.noise, c.noise_std = "gaussian", 0.05
     c.label_drop = 0.1
     c.batch_size = 256

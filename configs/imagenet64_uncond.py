@@ -15,8 +15,8 @@ def get_config(arg: str | None = None):
     c.dataset.update(name="tfds", tfds_name="downsampled_imagenet/64x64", train_split="train",
                      eval_split="validation", label_key=None, image_size=64, channels=3,
                      random_flip=True)
-    c.model.update(img_size=64, in_channels=3, patch_size=2, channels=768, num_blocks=8,
-                   layers_per_block=8, num_classes=0, dtype="bfloat16", remat=True)
+    c.model.update(patch_size=2, width=768, num_blocks=8, layers_per_block=8, num_classes=0,
+                   dtype="bfloat16", remat=True, scan_layers=True)
     c.noise, c.noise_std = "gaussian", 0.05
     c.batch_size = 256
     c.num_train_steps = 200 * STEPS_PER_EPOCH

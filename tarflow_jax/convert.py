@@ -1,26 +1,19 @@
 """Importing the reference PyTorch TarFlow weights (``state_dict`` key names and layouts).
 
-Python: :func:`from_torch_state_dict` turns a reference state dict (or ``.pth`` file) into Flax
-variables for a given :class:`~tarflow_jax.flow.TarFlow`.
-
-Command line: the authors' checkpoint as a workdir that ``tarflow_jax.load``,
-``python -m tarflow_jax.main --mode=eval|sample`` (and ``--mode=train``, to fine-tune) use::
-
-    python -m tarflow_jax.convert --torch_checkpoint=afhq_model_8_768_8_8_0.07.pth \
-        --config=configs/afhq256.py --out=workdir/afhq_authors [--config.model.x=...]
-
-It writes ``OUT/config.json`` and an Orbax checkpoint ``OUT/checkpoints/0/state`` holding a
-whole train state (the converted weights, fresh AdamW moments, EMA copy when the config keeps
-one, the prior variance ``var``). The config's model fields are checked against the tensors'
-shapes first; a mismatch names the ``config.model`` field and the value the checkpoint implies.
+:func:`from_torch_state_dict` turns a reference state dict (or ``.pth`` file) into Flax
+variables for a given :class:`~tarflow_jax.flow.TarFlow`; :func:`infer_model_fields` and
+:func:`config_mismatches` read the model's sizes from the tensors' shapes and name the
+config fields that contradict them. The command line that writes a converted workdir is
+``python -m tarflow_jax.tools.convert`` (:mod:`tarflow_jax.tools.convert`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import runpy
 import sys
+import warnings
 from typing import Any, Mapping, Sequence
 
 import flax
@@ -29,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import cli
+from tarflow_jax import configlib
 from tarflow_jax.flow import TarFlow
 
 # Reference sub-module name inside one Transformer layer -> our module name.
@@ -113,18 +106,36 @@ def _target(key: str, array: np.ndarray, model: TarFlow) -> tuple[tuple[str, ...
 
 def abstract_variables(model: TarFlow) -> dict[str, Any]:
     """Shapes and dtypes of the model's (unboxed) variables, without allocating them."""
-    x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, model.in_channels), jnp.float32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if model.num_classes else None
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x, y)
-    return nn.meta.unbox(shapes)
+    return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs()))
 
 
 def from_torch_state_dict(state_dict: str | os.PathLike | Mapping[str, Any], model: TarFlow
                           ) -> dict[str, Any]:
-    """Reference weights (a state dict of numpy arrays/torch tensors, or a ``.pth`` path) as Flax variables.
+    """The authors' PyTorch weights as Flax variables for ``model``.
 
-    Raises a ValueError naming the first key whose shape does not fit ``model`` (with both
-    shapes), an unknown key, or the variables the state dict leaves unset.
+    Maps the reference ``transformer_flow.Model`` key names onto this package's modules:
+    ``nn.Linear`` weights ``(out, in)`` are transposed to kernels ``(in, out)``, the qkv and
+    attention-output kernels reshaped to ``(W, 3, heads, 64)`` / ``(heads, 64, W)``, the
+    class tables ``(classes, 1, W)`` flattened, and per-layer tensors stacked on a leading
+    layer axis when ``model.scan_layers``. ``module.`` / ``_orig_mod.`` prefixes and the
+    reference's ``attn_mask`` buffers are ignored.
+
+    Args:
+      state_dict: a mapping of reference key → array (NumPy arrays or torch tensors, any
+        float dtype), or the path of a ``.pth`` file holding one (also inside a
+        ``"state_dict"``, ``"model"`` or ``"ema"`` entry; reading a file needs PyTorch).
+      model: the ``TarFlow`` the weights are for; its fields must match the checkpoint's
+        (see :func:`config_mismatches` to find which do not).
+
+    Returns:
+      ``{"params": ..., "prior": {"var": (T, D)}}`` (``prior`` only when the state dict has
+      ``var``) as float32 ``jax.Array`` s in ``model.param_dtype``, unboxed.
+
+    Raises:
+      FileNotFoundError: ``state_dict`` is a path that does not exist.
+      ImportError: reading a ``.pth`` file without PyTorch installed.
+      ValueError: a key has no place in ``model``, a tensor's shape does not fit (both
+        shapes named), or the state dict leaves variables unset.
     """
     state = load_state_dict(state_dict)
     expected = flax.traverse_util.flatten_dict(abstract_variables(model))
@@ -177,10 +188,9 @@ def _describe(model: TarFlow) -> str:
 
 # ------------------------------------------------------------------ the checkpoint vs the config
 REFERENCE_HEAD_DIM = 64  # the authors' Attention always uses 64 channels per head
+# The TarFlow fields the shapes can contradict.
 _MODEL_FIELDS = ("img_size", "in_channels", "patch_size", "channels", "num_blocks",
                  "layers_per_block", "num_classes", "nvp", "expansion")
-# config.dataset fields that must follow config.model's (checked by train.validate_config).
-_DATASET_TWIN = {"img_size": "image_size", "in_channels": "channels"}
 
 
 def _shape(state: Mapping[str, np.ndarray], key: str) -> tuple[int, ...] | None:
@@ -252,7 +262,18 @@ def _geometry(num_tokens: int, token_dim: int, model_cfg: Mapping[str, Any]) -> 
 
 
 def config_mismatches(state: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[tuple[str, Any, Any, str]]:
-    """``(field, config value, checkpoint value, evidence)`` for each ``config.model`` field the shapes contradict."""
+    """The model fields a reference state dict's shapes contradict.
+
+    Args:
+      state: a reference state dict (arrays or anything with ``.shape``).
+      model_cfg: ``TarFlow`` field values (``img_size, in_channels, patch_size, channels,
+        num_blocks, ...``), e.g. ``configlib.model_kwargs(config)``.
+
+    Returns:
+      ``(field, configured value, checkpoint value or None, evidence)`` per contradicted
+      ``TarFlow`` field; ``[]`` when the shapes fit. :func:`describe_mismatches` names the
+      config fields and the flags that fix them.
+    """
     found = infer_model_fields(state)
     cfg = {k: model_cfg.get(k) for k in _MODEL_FIELDS}
     cfg["expansion"] = model_cfg.get("expansion", 4)
@@ -296,197 +317,28 @@ def config_mismatches(state: Mapping[str, Any], model_cfg: Mapping[str, Any]) ->
 
 
 def _override_flags(mismatches: Sequence[tuple[str, Any, Any, str]]) -> str:
-    flags_ = []
-    for field, _, value, _ in mismatches:
-        if value is None:
-            continue
-        flags_.append(f"--config.model.{field}={value}")
-        if field in _DATASET_TWIN:
-            flags_.append(f"--config.dataset.{_DATASET_TWIN[field]}={value}")
-    return " ".join(flags_)
+    return " ".join(f"--config.{configlib.config_path(field)}={value}"
+                    for field, _, value, _ in mismatches if value is not None)
 
 
 def describe_mismatches(mismatches: Sequence[tuple[str, Any, Any, str]]) -> str:
-    """Lines naming each wrong ``config.model`` field, and the flags that would fix them."""
+    """Lines naming each contradicted config field (``config.model.width``, ...) and the flags that fix them."""
     lines = []
     for field, ours, theirs, why in mismatches:
+        path = configlib.config_path(field)
         if theirs is None:
-            lines.append(f"  config.model.{{{field}}}={ours} cannot produce the checkpoint's tokens ({why})")
+            paths = ", ".join(f"config.{configlib.config_path(f)}" for f in field.split("/"))
+            lines.append(f"  {paths}={ours} cannot produce the checkpoint's tokens ({why})")
         else:
-            lines.append(f"  config.model.{field}={ours}, but the checkpoint has {field}={theirs} ({why})")
+            lines.append(f"  config.{path}={ours}, but the checkpoint has {path.split('.')[-1]}={theirs} ({why})")
     fix = _override_flags(mismatches)
     if fix:
         lines.append(f"  try: {fix}")
     return "\n".join(lines)
 
 
-def check_config(state: Mapping[str, Any], model_cfg: Mapping[str, Any], source: str = "the checkpoint") -> None:
-    """Raises a ValueError naming the ``config.model`` fields that contradict the state dict's shapes."""
-    mismatches = config_mismatches(state, model_cfg)
-    if mismatches:
-        raise ValueError(f"{source} does not fit the config's model; wrong field"
-                         f"{'s' if len(mismatches) > 1 else ''}:\n{describe_mismatches(mismatches)}")
-
-
-# ------------------------------------------------------------------------------ workdir
-def converted_state(variables: Mapping[str, Any], config) -> Any:
-    """A whole ``train.TrainState`` at step 0 around converted ``variables`` (like ``train.init_state``)."""
-    from tarflow_jax import train
-
-    model = train.create_model(config)
-    tx, _ = train.create_optimizer(config)
-    params = variables["params"]
-    if "prior" in variables:
-        prior_var = jnp.asarray(variables["prior"]["var"], jnp.float32)
-    else:
-        prior_var = jnp.ones((model.num_tokens, model.token_dim), jnp.float32)
-    _, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-        ema_params=params if config.ema_decay > 0 else None, prior_var=prior_var, rng=train_rng,
-        consecutive_skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
-    # What `checkpointing.load` and the trainer restore onto: same tree, shapes and dtypes.
-    init_fn = lambda rng: train.init_state(rng, model=model, tx=tx, config=config)
-    target = nn.meta.unbox(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
-    got = jax.tree_util.tree_flatten_with_path(state)[0]
-    want = jax.tree_util.tree_flatten_with_path(target)[0]
-    if jax.tree.structure(state) != jax.tree.structure(target):
-        raise ValueError("internal: the converted train state's structure differs from train.init_state's")
-    for (path, a), (_, b) in zip(got, want):
-        if (a.shape, a.dtype) != (b.shape, b.dtype):
-            raise ValueError(f"internal: {jax.tree_util.keystr(path)} is {a.shape} {a.dtype}, "
-                             f"train.init_state gives {b.shape} {b.dtype}")
-    return state
-
-
-def _check_no_checkpoints(out: str) -> None:
-    from tarflow_jax import checkpointing
-
-    directory = checkpointing.checkpoint_dir(out)
-    if directory.is_dir():
-        steps = sorted(p.name for p in directory.iterdir() if p.name.isdigit())
-        if steps:
-            raise FileExistsError(f"{directory} already holds checkpoint steps {steps}; "
-                                  f"convert into an empty --out directory")
-
-
-def write_workdir(out: str, config, variables: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
-                  ) -> str:
-    """Writes ``out/config.json`` and the step-0 Orbax checkpoint of the converted weights.
-
-    Refuses a workdir that already holds checkpoints (``load`` would pick the latest step).
-    Returns the checkpoint step directory.
-    """
-    from tarflow_jax import checkpointing
-
-    _check_no_checkpoints(out)
-    state = converted_state(variables, config)
-    checkpointing.save_config(out, config)
-    manager = checkpointing.create_manager(out, config)
-    try:
-        checkpointing.save(manager, 0, state, None)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-    if metadata is not None and jax.process_index() == 0:
-        checkpointing.write_atomic(checkpointing.workdir_path(out) / "converted_from.json",
-                                   json.dumps(dict(metadata), indent=2).encode())
-    return str(checkpointing.checkpoint_dir(out) / "0")
-
-
-def convert_checkpoint(torch_checkpoint: str | os.PathLike | Mapping[str, Any], config, out: str
-                       ) -> dict[str, Any]:
-    """The reference checkpoint as a ``tarflow_jax`` workdir ``out`` for ``config`` (a ConfigDict).
-
-    Raises a ValueError naming the wrong ``config.model`` fields (and the first mismatched
-    state dict key with both shapes) when the checkpoint does not fit the config.
-    Returns a summary (source, step directory, number of parameters, inferred fields).
-    """
-    from tarflow_jax import train
-
-    source = os.fspath(torch_checkpoint) if isinstance(torch_checkpoint, (str, os.PathLike)) else "state dict"
-    _check_no_checkpoints(out)
-    state = load_state_dict(torch_checkpoint)
-    mismatches = config_mismatches(state, config.model)
-    if not mismatches:
-        train.validate_config(config)  # e.g. config.dataset.image_size vs config.model.img_size
-    variables, error = None, None
-    try:
-        variables = from_torch_state_dict(state, train.create_model(config))
-    except ValueError as e:  # a wrong shape or key, or a config TarFlow itself rejects
-        error = e
-    if mismatches or error is not None:
-        lines = [f"checkpoint {source!r} does not fit the config's model"]
-        if mismatches:
-            lines[0] += f"; wrong field{'s' if len(mismatches) > 1 else ''}:"
-            lines.append(describe_mismatches(mismatches))
-        if error is not None:
-            lines.append(f"  {'first mismatch: ' if mismatches else ''}{error}")
-        raise ValueError("\n".join(lines))
-    num_params = int(sum(np.size(p) for p in jax.tree.leaves(variables["params"])))
-    inferred = infer_model_fields(state)
-    del state
-    metadata = {"torch_checkpoint": os.path.abspath(source) if source != "state dict" else source,
-                "num_params": num_params, "inferred_from_shapes": inferred}
-    step_dir = write_workdir(out, config, variables, metadata)
-    return {"source": source, "checkpoint": step_dir, "num_params": num_params, "inferred": inferred}
-
-
-# --------------------------------------------------------------------------- command line
-_USAGE = """\
-Converts the authors' PyTorch TarFlow checkpoint into a tarflow_jax workdir.
-
-  python -m tarflow_jax.convert --torch_checkpoint=FILE.pth --config=configs/afhq256.py --out=DIR \\
-      [--config.model.FIELD=VALUE ...]
-
-Then: python -m tarflow_jax.main --workdir=DIR --mode=sample  (or --mode=eval, or tarflow_jax.load(DIR)).
-"""
-
-
-def _define_flags(argv: Sequence[str]):
-    from absl import flags
-    from ml_collections import config_flags
-
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:arg]) "
-                                    "describing the checkpoint's model; override fields with "
-                                    "--config.model.FIELD=VALUE.", flag_values=fv, lock_config=True,
-                                    sys_argv=list(argv))
-    flags.DEFINE_string("torch_checkpoint", None, "The reference .pth file (a state dict, or a dict "
-                        "holding one under 'state_dict'/'model'/'ema').", flag_values=fv)
-    flags.DEFINE_string("out", None, "The workdir to write (config.json, checkpoints/0).", flag_values=fv)
-    return fv
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (0 ok, 1 conversion error, 2 usage error)."""
-    argv = list(sys.argv if argv is None else argv)
-    prog = "python -m tarflow_jax.convert"
-    fv = _define_flags(argv)
-    rest = cli.parse_flags(fv, argv, prog, _USAGE)
-    if isinstance(rest, int):
-        return rest
-    missing = [f"--{name}" for name in ("config", "torch_checkpoint", "out") if not fv[name].present]
-    if missing:
-        return cli.usage_error(prog, f"missing {', '.join(missing)}", _USAGE)
-    error = cli.config_load_error(fv, "model")
-    if error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    config = fv.config
-    try:
-        summary = convert_checkpoint(fv.torch_checkpoint, config, fv.out)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    m = config.model
-    print(f"converted {summary['source']} ({summary['num_params'] / 1e6:.1f}M parameters; "
-          f"img_size={m.img_size}, patch_size={m.patch_size}, channels={m.channels}, "
-          f"{m.num_blocks} blocks x {m.layers_per_block} layers, num_classes={m.num_classes}, nvp={m.nvp}) "
-          f"-> {summary['checkpoint']}\n"
-          f"next: python -m tarflow_jax.main --workdir={fv.out} --mode=sample")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    warnings.warn("python -m tarflow_jax.convert is deprecated; use python -m tarflow_jax.tools.convert",
+                  FutureWarning, stacklevel=1)
+    sys.argv[0] = "tarflow_jax.tools.convert"
+    runpy.run_module("tarflow_jax.tools.convert", run_name="__main__", alter_sys=True)

@@ -1,4 +1,4 @@
-"""Exact bits/dim over a whole split: every example once, dequantization draws, standard error."""
+"""Exact bits/dim over a whole split: every example once, dequantization draws, standard error; results files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from tarflow_jax import checkpointing, configlib, input_pipeline, sharding
+from tarflow_jax import configlib, input_pipeline, sharding, workdir as workdir_lib
 from tarflow_jax.flow import TarFlow
 from tarflow_jax.likelihood import bits_per_dim, dequantize
 
@@ -50,11 +49,12 @@ def _batch_sums(variables: Any, batch: dict[str, jax.Array], rng: jax.Array, *, 
 
 def jit_eval_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                   num_draws: int = 1):
-    """The jitted eval step a run executes: ``step(variables, batch, rng) -> masked sums``.
+    """The jitted eval step :func:`evaluate_bits_per_dim` runs: ``step(variables, batch, rng) -> sums``.
 
     ``batch`` is an eval batch (``image``, ``label``, ``mask``) split over the data axes of
-    ``mesh``; the forward pass runs per device (see :func:`_batch_sums`). It can be
-    ``.trace``d with abstract arguments (the compile-only dry run does).
+    ``mesh``; the forward pass runs per device at ``config.matmul_precision`` (see
+    :func:`_batch_sums`). It can be ``.trace``d with abstract arguments (the compile-only
+    dry run, ``tarflow_jax.tools.aot``, does).
     """
     sums = functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
                              num_draws=num_draws, mesh=mesh)
@@ -69,11 +69,30 @@ def jit_eval_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.s
 def evaluate_bits_per_dim(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
                           mesh: jax.sharding.Mesh, num_draws: int = 1, seed: int = 0
                           ) -> dict[str, float]:
-    """Bits/dim over the eval split (exact mean over examples; padding rows masked out).
+    """Exact bits/dim of ``model`` over the whole eval split (every example once).
 
-    With ``num_draws > 1`` each example's bits/dim is averaged over that many uniform
-    dequantization draws (``bpd``), and the importance-weighted bound over the same draws
-    is reported too (``iw_bpd``, tighter). ``bpd_se`` is the standard error over examples.
+    Each example's bits/dim is :func:`tarflow_jax.likelihood.bits_per_dim` of one uniform
+    dequantization draw, averaged over ``num_draws`` draws; the importance-weighted bound
+    over the same K draws, ``−log(1/K·Σ_k exp(−nats_k))`` per example, is reported too
+    (tighter; reference ``evaluate_bpd.py`` uses one draw). The forward pass runs per
+    device on its slice of each batch; padding rows of the last batch are masked out.
+
+    Args:
+      model: the flow.
+      variables: its variables (any placement; copied onto ``mesh`` when needed).
+      config: the run's config: ``dataset`` (the split ``dataset.eval_split``, its
+        ``num_levels``) and ``eval.batch_size``.
+      mesh: the device mesh; ``eval.batch_size`` must divide over its data-parallel axes.
+      num_draws: dequantization draws per example (>= 1).
+      seed: seed of the dequantization noise (batch ``i`` uses ``fold_in(key(seed), i)``).
+
+    Returns:
+      ``{"bpd": mean bits/dim, "bpd_se": its standard error over examples, "iw_bpd": the
+      importance-weighted bits/dim, "num_examples": int, "num_draws": int}``.
+
+    Raises:
+      ValueError: ``num_draws < 1``; ``eval.batch_size`` not divisible by the
+        data-parallel devices or the process count; an empty split.
     """
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1; got {num_draws}")
@@ -111,21 +130,17 @@ def write_results(workdir: str, result: dict[str, Any], config: ml_collections.C
     d = config.dataset
     dataset = d.get("tfds_name") if d.name == "tfds" else d.name
     m = config.model
-    size = (f"p{m.patch_size}/{m.channels}/{m.num_blocks}×{m.layers_per_block} "
+    size = (f"p{m.patch_size}/{m.width}/{m.num_blocks}×{m.layers_per_block} "
             f"({num_params / 1e6:.1f}M)")
     row = (f"| {dataset} {d.eval_split} | {size} | {result['bpd']:.4f} ± {result['bpd_se']:.4f} | "
            f"{result['num_examples']} | {step} |")
     record = {**result, "dataset": dataset, "split": d.eval_split, "step": step,
               "num_params": num_params, "markdown_row": row}
-    path = checkpointing.workdir_path(workdir) / f"eval_bpd_{step:08d}.json"
+    path = workdir_lib.workdir_path(workdir) / f"eval_bpd_{step:08d}.json"
     if jax.process_index() == 0:
-        checkpointing.write_atomic(path, json.dumps(record, indent=2).encode())
+        workdir_lib.write_atomic(path, json.dumps(record, indent=2).encode())
     return str(path), row
 
 
 MARKDOWN_HEADER = "| data | model (p/width/K×L, params) | bits/dim ± s.e. | examples | step |\n|---|---|---|---|---|"
 
-
-def count_params(params: Any) -> int:
-    """Number of scalar parameters."""
-    return int(sum(np.size(p) for p in jax.tree.leaves(params)))

@@ -253,7 +253,23 @@ def _variable_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
 
 
 def load_inception_params(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Flax variables ``{'params', 'batch_stats'}`` from pytorch-fid's ``.pth`` file (or folder) or a state dict."""
+    """The FID Inception network's Flax variables from pytorch-fid's weights.
+
+    Convolution kernels OIHW → HWIO, BatchNorm weight/bias/running stats → scale/bias/mean/var;
+    the classifier (``fc``) and auxiliary head are ignored.
+
+    Args:
+      source: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (or the folder holding
+        it; reading it needs PyTorch), or its state dict as a mapping of arrays/tensors.
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` (float32) for :class:`FIDInceptionV3`.
+
+    Raises:
+      FileNotFoundError: no weights file at ``source`` (the message gives the download URL).
+      ImportError: a file path given without PyTorch installed.
+      ValueError: the state dict does not match the network (shapes, missing or unexpected keys).
+    """
     state = _read_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
     expected = _variable_shapes()
     flat: dict[tuple[str, ...], np.ndarray] = {}
@@ -322,7 +338,21 @@ def _to_unit_float(images: np.ndarray) -> np.ndarray:
 
 
 def inception_features(variables: Mapping[str, Any], images: Any, batch_size: int = 50) -> np.ndarray:
-    """(N, 2048) float32 pool features of NHWC images (uint8, or float in [0, 1]), ``batch_size`` at a time."""
+    """Inception pool features of images, computed ``batch_size`` at a time (one compilation).
+
+    Args:
+      variables: from :func:`load_inception_params`.
+      images: ``(N, H, W, 3)`` uint8 in ``[0, 255]`` or float in ``[0, 1]`` (any size; resized
+        to 299×299 bilinearly like pytorch-fid).
+      batch_size: images per network call (the last batch is padded).
+
+    Returns:
+      float32 ``(N, 2048)`` features (the final average pool, pytorch-fid's ``dims=2048``).
+
+    Raises:
+      ValueError: not NHWC with 3 channels, float values outside ``[0, 1]``, ``batch_size < 1``.
+      TypeError: neither uint8 nor floating point.
+    """
     images = np.asarray(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -344,7 +374,11 @@ def inception_features(variables: Mapping[str, Any], images: Any, batch_size: in
 
 
 def compute_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (unbiased) covariance of (N, D) features, in float64."""
+    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` of ``(N, D)`` features, float64 (``np.cov``, like pytorch-fid).
+
+    Raises:
+      ValueError: not 2-D or fewer than 2 rows.
+    """
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"need (N, D) features with N >= 2 to estimate a covariance, got shape {features.shape}")
@@ -352,7 +386,11 @@ def compute_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_statistics(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
-    """Writes ``mu`` and ``sigma`` (float64) to an ``.npz`` file."""
+    """Writes ``mu (D,)`` and ``sigma (D, D)`` as float64 to an ``.npz`` file (keys ``mu``, ``sigma``).
+
+    Raises:
+      ValueError: the shapes do not fit together.
+    """
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_statistics(mu, sigma, "statistics to save")
     with open(os.fspath(path), "wb") as f:  # an open file keeps numpy from appending ".npz"
@@ -360,7 +398,13 @@ def save_statistics(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` in float64 from an ``.npz`` file with keys ``mu`` and ``sigma``."""
+    """``(mu (D,), sigma (D, D))`` in float64 from an ``.npz`` file with keys ``mu`` and ``sigma``.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      KeyError: the file lacks ``mu`` or ``sigma``.
+      ValueError: their shapes do not fit together.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no FID statistics file at {path!r}; create one with "
@@ -390,7 +434,24 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
-    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2), in float64."""
+    """Fréchet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    ``d² = |mu1 − mu2|² + Tr(sigma1 + sigma2 − 2·(sigma1·sigma2)^½)`` (Heusel et al. 2017,
+    "GANs trained by a two time-scale update rule..."; as pytorch-fid's
+    ``calculate_frechet_distance``: when the matrix square root is not finite, ``eps·I`` is
+    added to both covariances; a small imaginary part is dropped).
+
+    Args:
+      mu1, sigma1, mu2, sigma2: means ``(D,)`` and covariances ``(D, D)``.
+      eps: the regulariser for a near-singular product.
+
+    Returns:
+      The FID (a squared distance in feature units; lower is better).
+
+    Raises:
+      ValueError: shapes that do not fit; a square root that stays non-finite; an imaginary
+        part above 1e-3 on its diagonal (covariances not positive semi-definite).
+    """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     _check_statistics(mu1, sigma1, "first statistics")
@@ -413,14 +474,23 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def fid_from_features(features_a: Any, features_b: Any, eps: float = 1e-6) -> float:
-    """FID between two sets of (N, D) features."""
-    return frechet_distance(*compute_statistics(features_a), *compute_statistics(features_b), eps=eps)
-
-
 def fid(images: Any, reference: str | os.PathLike | tuple[Any, Any], variables: Mapping[str, Any],
         batch_size: int = 50) -> float:
-    """FID of NHWC images against reference statistics (an ``.npz`` path or a ``(mu, sigma)`` pair)."""
+    """FID of images against reference statistics.
+
+    Args:
+      images: ``(N, H, W, 3)`` uint8 or float in ``[0, 1]``; N >= 2 (50,000 for the published
+        protocol).
+      reference: an ``.npz`` path written by :func:`save_statistics`, or a ``(mu, sigma)`` pair.
+      variables: from :func:`load_inception_params`.
+      batch_size: images per network call.
+
+    Returns:
+      :func:`frechet_distance` of the images' feature statistics and the reference's.
+
+    Raises:
+      ValueError, TypeError, FileNotFoundError, KeyError: as the functions it calls.
+    """
     mu_ref, sigma_ref = (load_statistics(reference) if isinstance(reference, (str, os.PathLike))
                          else tuple(np.asarray(s, np.float64) for s in reference))
     mu, sigma = compute_statistics(inception_features(variables, images, batch_size=batch_size))
@@ -430,5 +500,5 @@ def fid(images: Any, reference: str | os.PathLike | tuple[Any, Any], variables: 
 __all__ = [
     "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FEATURE_DIM", "INCEPTION_SIZE", "FIDInceptionV3",
     "load_inception_params", "inception_features", "resize_bilinear", "compute_statistics",
-    "save_statistics", "load_statistics", "frechet_distance", "fid_from_features", "fid",
+    "save_statistics", "load_statistics", "frechet_distance", "fid",
 ]

@@ -7,8 +7,8 @@ the reference, so imported weights and the VP prior table need no permutation.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import sampling
+from tarflow_jax import likelihood, sampling
 from tarflow_jax.layers import ATTENTIONS, REMAT_POLICIES, Cache, LayerStack, dense, unstack_layers
 
 Dtype = Any
@@ -129,18 +129,43 @@ class MetaBlock(nn.Module):
 class TarFlow(nn.Module):
     """TarFlow: ``num_blocks`` autoregressive Transformer flow blocks over image patches.
 
-    ``apply(variables, x, y)`` maps images to ``(z, logdet)`` (``z`` NHWC, ``logdet`` the
-    total log|det| in nats per example); ``method=TarFlow.reverse`` samples. Parameters
-    are float32 (``param_dtype``); ``dtype`` is the matmul compute type (``bfloat16``
-    allowed), with LayerNorm, softmax and the flow's affine maps in float32.
-    The volume-preserving variant (``nvp=False``) keeps its prior variance in the
-    ``prior`` collection (``variables["prior"]["var"]``, token layout ``(T, D)``).
-    ``remat`` recomputes each Transformer layer in the backward pass, keeping what
-    ``remat_policy`` says (``"nothing"``: only the layer input; ``"matmuls"``: also the
-    weight matmuls' outputs). ``attention`` picks the full-sequence attention kernel:
-    ``"xla"`` (any backend), ``"splash"`` (TPU Pallas kernel; token count a multiple of
-    128) or ``"cudnn"`` (CUDA GPU, bfloat16/float16); one the backend cannot run raises a
-    ValueError when traced. Neither changes the parameters.
+    Zhai et al., "Normalizing Flows are Capable Generative Models" (ICML 2025, arXiv
+    2412.06329); the numerical reference is the authors' ``transformer_flow.Model``. ``apply(variables, x, y)`` maps
+    images to latents (:meth:`__call__`); ``method=TarFlow.reverse`` inverts the flow
+    (sampling); ``method=TarFlow.denoise`` takes one score step. Parameters are float32
+    (``param_dtype``); ``dtype`` is the matmul compute type (``bfloat16`` allowed), with
+    LayerNorm, softmax and the flow's affine maps in float32. The volume-preserving variant
+    (``nvp=False``) keeps its prior variance in the ``prior`` collection
+    (``variables["prior"]["var"]``, float32 ``(T, D)`` in token layout).
+
+    Attributes:
+      img_size: image height = width H, in pixels; a multiple of ``patch_size``.
+      in_channels: image channels C (1 grey, 3 RGB).
+      patch_size: side p of the square patches that form the tokens: T = (H/p)² tokens of
+        D = C·p² values.
+      channels: Transformer width W (a multiple of ``head_dim``); not the image's channels.
+      num_blocks: flow blocks K; odd blocks run on the reversed token order.
+      layers_per_block: Transformer layers L per block.
+      num_classes: class-conditional with this many classes; 0 is unconditional.
+      nvp: affine blocks (log-scale and shift); ``False``: volume preserving (shift only).
+      head_dim: channels per attention head (64 in the reference).
+      expansion: MLP hidden width / W.
+      dtype: compute dtype of the matmuls.
+      param_dtype: parameter dtype.
+      scan_layers: stack a block's layers in one ``nn.scan`` (parameter path
+        ``layers/...`` with a leading layer axis; compile time flat in depth); otherwise
+        ``layers_<i>/...``.
+      remat: rematerialise each layer in the backward pass, keeping what ``remat_policy`` says.
+      remat_policy: ``"nothing"`` (each layer keeps only its input) or ``"matmuls"`` (also
+        the outputs of its weight matmuls: less recomputation, more memory).
+      attention: the full-sequence attention implementation: ``"xla"`` (any backend),
+        ``"splash"`` (TPU Pallas kernel; a token count that is a multiple of 128) or
+        ``"cudnn"`` (CUDA GPU; bfloat16/float16 ``dtype``). One the backend cannot run
+        raises a ValueError when traced (``layers.check_attention``). Neither option
+        changes the parameters.
+
+    Raises:
+      ValueError: at construction, for sizes that do not fit together (named in the message).
     """
 
     img_size: int
@@ -235,7 +260,24 @@ class TarFlow(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def __call__(self, x: jax.Array, y: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """Images ``x (B,H,W,C)`` to latents ``z (B,H,W,C)`` and total log|det| ``(B,)`` in nats."""
+        """The forward (likelihood) direction: images to latents and the log-determinant.
+
+        Per block ``z = (x − b)·exp(−a)`` on the shifted token sequence, log|det| ``−Σ a``
+        (reference ``transformer_flow.MetaBlock.forward``); the blocks' log-dets add up.
+
+        Args:
+          x: images, float ``(B, H, W, C)`` in ``[-1, 1]`` (dequantized or noised).
+          y: int ``(B,)`` labels (``-1``: no label), or ``None``.
+
+        Returns:
+          ``(z, logdet)``: latents float32 ``(B, H, W, C)`` and the total log|det ∂z/∂x|
+          per example, float32 ``(B,)`` in nats (not divided by the N = H·W·C dims).
+
+        Raises:
+          ValueError: ``x`` is not ``(B, img_size, img_size, in_channels)``, or ``y`` does
+            not fit (given to an unconditional model, not ``(B,)`` integers, a label
+            ``>= num_classes``).
+        """
         self.check_images(x)
         self.check_labels(y, x.shape[0])
         h = patchify(x.astype(jnp.float32), self.patch_size)
@@ -248,15 +290,43 @@ class TarFlow(nn.Module):
     # ----------------------------------------------------------------- inverse
     def reverse(self, z: jax.Array, y: jax.Array | None = None, guidance: float = 0.0,
                 guide_what: str = "ab", attn_temp: float = 1.0, annealed_guidance: bool = False,
-                solver: str = "cached", jacobi: sampling.JacobiPlan | None = None) -> jax.Array:
-        """Inverts the flow: latents ``z (B,H,W,C)`` to images.
+                solver: str = "cached", jacobi: sampling.JacobiPlan | None = None,
+                return_iterations: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Inverts the flow: latents to images (sampling when ``z`` is standard normal noise).
 
-        ``solver="cached"`` is the exact sequential inverse with a key/value cache;
-        ``"jacobi"`` the parallel (Gauss-Seidel-)Jacobi inverse configured by ``jacobi``;
-        ``"uncached"`` recomputes the whole prefix every step (a test oracle, slow).
-        Guidance mixes a second, unguided prediction (label dropped, attention logits
-        divided by ``attn_temp``) into ``a`` and/or ``b`` (``guide_what``), with weight
-        ``guidance`` or, if ``annealed_guidance``, ``guidance·(t+1)/(T-1)`` at token ``t``.
+        Each block's inverse solves ``x[t+1] = z[t+1]·exp(a_t(x[:t+1])) + b_t(x[:t+1])`` token
+        by token (reference ``transformer_flow.MetaBlock.reverse``). Guidance mixes a
+        second, unguided prediction (label dropped, attention logits divided by
+        ``attn_temp``) into ``a`` and/or ``b``: ``a ← a + w·(a − a_unguided)`` with
+        ``w = guidance``, or ``w = guidance·(t+1)/(T−1)`` at token ``t`` when annealed
+        (reference ``transformer_flow.Model.reverse``).
+
+        Args:
+          z: latents, float ``(B, H, W, C)`` (standard normal for sampling; a VP model
+            scales them by the square root of its prior variance first).
+          y: int ``(B,)`` class labels, ``-1`` for "no label"; ``None`` for all unlabelled
+            or an unconditional model.
+          guidance: guidance weight w (0: none; > 0 doubles the batch internally).
+          guide_what: which flow outputs are guided: ``"a"``, ``"b"`` or ``"ab"``.
+          attn_temp: attention temperature of the unguided branch (> 0).
+          annealed_guidance: ramp the weight linearly over the tokens.
+          solver: ``"cached"`` (exact sequential inverse with a key/value cache),
+            ``"jacobi"`` (parallel Gauss-Seidel-Jacobi, configured by ``jacobi``) or
+            ``"uncached"`` (recomputes the whole prefix every step: a slow test oracle).
+          jacobi: the Jacobi plan (default ``JacobiPlan()``: one segment, tol 1e-5).
+          return_iterations: also return the Jacobi iterations run (``solver="jacobi"``).
+
+        Returns:
+          Images float32 ``(B, H, W, C)`` (in ``[-1, 1]`` for a trained model; not clipped).
+          With ``return_iterations``, also int32 ``(num_blocks, S)``: the iterations run
+          by block ``k`` (forward-pass index) on segment ``s``, ``S`` the largest segment
+          count of any block (shorter rows padded with 0).
+
+        Raises:
+          ValueError: ``z`` is not ``(B, img_size, img_size, in_channels)``; ``y`` is given
+            to an unconditional model, is not ``(B,)`` integers, or holds a label
+            ``>= num_classes``; ``guide_what``, ``solver`` or ``jacobi`` is invalid, or
+            ``return_iterations`` is set without the Jacobi solver; ``attn_temp <= 0``.
         """
         self.check_images(z, "z")
         self.check_labels(y, z.shape[0])
@@ -264,6 +334,9 @@ class TarFlow(nn.Module):
             raise ValueError(f"guide_what must be one of {GUIDE_WHAT}; got {guide_what!r}")
         if solver not in sampling.SOLVERS:
             raise ValueError(f"solver must be one of {sampling.SOLVERS}; got {solver!r}")
+        if return_iterations and solver != "jacobi":
+            raise ValueError(f"return_iterations counts Jacobi iterations; pass solver='jacobi' "
+                             f"(got solver={solver!r})")
         if _is_concrete(attn_temp) and not float(attn_temp) > 0:
             raise ValueError(f"attn_temp must be > 0; got {attn_temp}")
         plan = jacobi or sampling.JacobiPlan()
@@ -275,6 +348,7 @@ class TarFlow(nn.Module):
             x = x * jnp.sqrt(self.get_variable("prior", "var"))
         params = self.variables["params"]
         cache_shape = (self.layers_per_block, self.channels // self.head_dim, self.head_dim)
+        iterations = [None] * self.num_blocks
         for k in reversed(range(self.num_blocks)):
             blk = self.block(k, parent=None)
             block_params = params[f"blocks_{k}"]
@@ -283,25 +357,55 @@ class TarFlow(nn.Module):
             predict = functools.partial(blk.apply, {"params": block_params}, method=MetaBlock.predict)
             xp = blk.permute(x)
             if solver == "cached":
-                xp = sampling.invert_cached(predict, xp, y, guide, cache_shape, self.dtype)
+                xp = sampling.reverse_cached(predict, xp, y, guide, cache_shape, self.dtype)
             elif solver == "uncached":
-                xp = sampling.invert_uncached(predict, xp, y, guide)
+                xp = sampling.reverse_uncached(predict, xp, y, guide)
             else:
-                xp, _ = sampling.invert_jacobi(predict, xp, y, guide, cache_shape, self.dtype,
-                                               plan.for_block(k, self.num_tokens), plan.tol, plan.init)
+                xp, iterations[k] = sampling.reverse_jacobi(
+                    predict, xp, y, guide, cache_shape, self.dtype, plan.for_block(k, self.num_tokens),
+                    plan.tol, plan.init)
             x = blk.permute(xp)
-        return unpatchify(x, self.img_size, self.patch_size, self.in_channels)
+        x = unpatchify(x, self.img_size, self.patch_size, self.in_channels)
+        if not return_iterations:
+            return x
+        width = max(int(it.shape[0]) for it in iterations)
+        return x, jnp.stack([jnp.pad(it, (0, width - it.shape[0])) for it in iterations])
 
     def denoise(self, x: jax.Array, y: jax.Array | None, noise_std: float,
                 step_scale: float = 1.0) -> jax.Array:
-        """One score step ``x + step_scale·σ²·∇ₓ log p(x|y)``, clipped to ``[-1, 1]``."""
+        """One score step ``x + step_scale·σ²·∇ₓ log p(x|y)``, clipped to ``[-1, 1]``.
+
+        Tweedie's formula for data seen with Gaussian noise of std σ (the paper's
+        denoising step; the reference's ``sample.ipynb`` takes it as
+        ``x − B·N·σ²·∇ₓ loss``). The score is the gradient of the flow's
+        exact log-likelihood (:func:`tarflow_jax.likelihood.log_prob`), unguided, with the
+        given labels.
+
+        Args:
+          x: noisy images, float ``(B, H, W, C)`` in about ``[-1, 1]``.
+          y: int ``(B,)`` labels (``-1``: no label) or ``None``.
+          noise_std: σ, the std of the Gaussian noise the model was trained with (in
+            ``[-1, 1]`` pixel units).
+          step_scale: multiplies the step (1: Tweedie's estimate).
+
+        Returns:
+          Denoised images float32 ``(B, H, W, C)`` in ``[-1, 1]``.
+
+        Raises:
+          ValueError: ``x`` or ``y`` does not fit the model (as for :meth:`__call__`).
+        """
         self.check_images(x)
         self.check_labels(y, x.shape[0])
-        unbound = self.clone(parent=None)
-        return sampling.denoise(unbound, self.variables, x, y, noise_std, step_scale)
+        model, variables = self.clone(parent=None), self.variables
+        score = jax.grad(lambda u: jnp.sum(likelihood.log_prob(model, variables, u, y)))(x)
+        return jnp.clip(x + step_scale * noise_std ** 2 * score, -1.0, 1.0)
+
+    def dummy_inputs(self) -> tuple[jax.Array, jax.Array | None]:
+        """A ``(1, H, W, C)`` float32 zero image and, for conditional models, a ``(1,)`` int32 label: for ``init``."""
+        x = jnp.zeros((1, self.img_size, self.img_size, self.in_channels), jnp.float32)
+        return x, (jnp.zeros((1,), jnp.int32) if self.num_classes else None)
 
 
-def model_kwargs(model: TarFlow) -> dict[str, Any]:
-    """The constructor fields of a model (for configs and checkpoints)."""
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.name not in ("parent", "name")}
+def count_params(tree: Any) -> int:
+    """Number of scalars in a tree of arrays, ``jax.ShapeDtypeStruct`` s or boxed (partitioned) parameters."""
+    return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(tree)))

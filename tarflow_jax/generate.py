@@ -16,9 +16,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tarflow_jax import checkpointing, configlib, sharding
+from tarflow_jax import configlib, sharding, workdir as workdir_lib
 from tarflow_jax.flow import TarFlow
-from tarflow_jax.train import image_grid, to_uint8
 
 
 def jit_sample_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -26,13 +25,14 @@ def jit_sample_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax
     """The jitted sampler :func:`sharded_sample_fn` runs: ``draw(variables, key_data, labels)``.
 
     ``key_data`` is a raw ``uint32[2]`` key and ``labels`` ``int32 (B,)`` or ``None``, both
-    replicated on ``mesh``; returns images ``(B, H, W, C)`` in ``[-1, 1]``, replicated. It
-    can be ``.trace``d with abstract arguments (the compile-only dry run does).
+    replicated on ``mesh``; returns images ``(B, H, W, C)`` in ``[-1, 1]``, replicated. The
+    matmuls run at ``config.matmul_precision``. It can be ``.trace``d with abstract
+    arguments (the compile-only dry run, ``tarflow_jax.tools.aot``, does).
     """
     s = config.sample
     shape = (model.img_size, model.img_size, model.in_channels)
 
-    def invert(variables, z, labels):
+    def reverse(variables, z, labels):
         x = model.apply(variables, z, labels, guidance=s.guidance, guide_what=s.guide_what,
                         attn_temp=s.attn_temp, annealed_guidance=s.annealed_guidance,
                         solver=s.solver, method=TarFlow.reverse)
@@ -42,13 +42,13 @@ def jit_sample_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax
             x = jnp.where(jnp.isfinite(clean), clean, x)
         return x
 
-    invert_per_device = sharding.per_device(invert, mesh, num_replicated=1)
+    reverse_per_device = sharding.per_device(reverse, mesh, num_replicated=1)
 
     def draw(variables, rng, labels):
         batch = s.batch_size if labels is None else labels.shape[0]
-        z = jax.random.normal(rng, (batch, *shape))  # as in train.sample: mesh-independent
+        z = jax.random.normal(rng, (batch, *shape))  # drawn whole: the images do not depend on the mesh
         with configlib.matmul_precision(config):
-            return invert_per_device(variables, z, labels)
+            return reverse_per_device(variables, z, labels)
 
     return jax.jit(draw, out_shardings=sharding.replicated(mesh))
 
@@ -57,10 +57,11 @@ def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: j
                       denoise: bool = False):
     """``draw(variables, rng, labels=None)``: images in ``[-1, 1]`` sampled data-parallel on ``mesh``.
 
-    The same images as :func:`tarflow_jax.train.sample` (same latents from ``rng``; batch
-    ``labels.shape[0]``, or ``config.sample.batch_size`` for unconditional models), but
-    each device inverts only its slice of the batch, with the parameters (FSDP- or
-    tensor-sharded ones included) gathered onto every device. Any batch size works
+    The latents are ``jax.random.normal(rng, (batch, H, W, C))`` with batch
+    ``labels.shape[0]``, or ``config.sample.batch_size`` for unconditional models; each
+    device inverts only its slice of the batch (``TarFlow.reverse`` with
+    ``config.sample``'s options, then ``TarFlow.denoise`` when ``denoise``), with the
+    parameters (FSDP- or tensor-sharded ones included) gathered onto every device. Any batch size works
     (padded to a multiple of the device count). The result is replicated on every device,
     so every process can read it (``jax.device_get``) in multi-host runs.
     """
@@ -125,7 +126,7 @@ def generate(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
             x = np.asarray(jax.device_get(draw(variables, sub, y)))[:len(index)]
             bad = ~np.isfinite(x).all(axis=(1, 2, 3))
             num_nan += int(bad.sum())
-            out_images.append(to_uint8(x[~bad]))
+            out_images.append(workdir_lib.to_uint8(x[~bad]))
             if labels is not None:
                 out_labels.append(labels[index][~bad])
             redo.append(index[bad])
@@ -146,16 +147,19 @@ def write_samples(workdir: str, result: dict[str, Any], name: str = "samples", g
                   ) -> tuple[str, str]:
     """Writes ``samples/<name>.npz`` (uint8 ``arr_0``, the key FID tools read, and ``labels``) and a PNG grid.
 
-    The ``.npz`` is streamed to a temporary file and renamed, so memory stays at one copy.
+    Returns the paths of the ``.npz`` and the PNG.
     """
-    out = checkpointing.workdir_path(workdir) / "samples"
-    out.mkdir(parents=True, exist_ok=True)
+    out = workdir_lib.samples_dir(workdir)
     arrays = {"arr_0": result["images"]}
     if "labels" in result:
         arrays["labels"] = result["labels"]
-    tmp = out / f".{name}.npz.tmp"
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(out / f"{name}.npz")
-    checkpointing.write_png(out / f"{name}.png", image_grid(result["images"][:grid_size]))
+    workdir_lib.write_npz(out / f"{name}.npz", **arrays)
+    workdir_lib.write_png(out / f"{name}.png", workdir_lib.image_grid(result["images"][:grid_size]))
     return str(out / f"{name}.npz"), str(out / f"{name}.png")
+
+
+def grid_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
+    """Labels for a sample grid: classes in turn (``None`` for unconditional models)."""
+    if not config.model.num_classes:
+        return None
+    return (np.arange(num) % config.model.num_classes).astype(np.int32)

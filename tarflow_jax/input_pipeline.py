@@ -44,13 +44,11 @@ same config resume with exactly the same following batches (restore with the sam
 ``data_workers``: the state holds one entry per worker). For orbax, the installed grain
 registers ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` (handler
 ``grain.checkpoint.CheckpointHandler``, which writes one ``process_<i>-of-<n>.json`` per
-JAX process), wrapped here by ``save_args`` / ``restore_args``::
+JAX process), wrapped here by ``save_args`` / ``restore_args``, which the trainer hands to
+``tarflow_jax.checkpointing.save`` / ``restore`` (so checkpointing itself needs no grain)::
 
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=input_pipeline.save_args(train_iter)))
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=input_pipeline.restore_args(train_iter)))    # restores train_iter in place
+    checkpointing.save(manager, step, state, input_pipeline.save_args(train_iter))
+    state = checkpointing.restore(manager, state, input_pipeline.restore_args(train_iter))
 
 ``data_workers > 0`` starts grain worker processes (spawn), which read grain's absl
 flags: run under ``absl.app.run`` or call ``absl.flags.FLAGS.mark_as_parsed()`` first.
@@ -381,35 +379,8 @@ def make_global_batch(
     )
 
 
-def num_classes(config: ml_collections.ConfigDict) -> int | None:
-    """Number of classes of the dataset, or None when unlabelled / unknown."""
-    name = config.dataset.name
-    if _label_key(config) is None:
-        return None
-    if name == "digits":
-        return 10
-    if name == "folder":
-        return len(create_source(config, config.dataset.get("train_split", "train")).classes)
-    feature = _tfds_builder(config).info.features[_label_key(config)]
-    return getattr(feature, "num_classes", None)
-
-
-def dataset_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A small dict describing the dataset, for logging."""
-    dataset = config.dataset
-    return {
-        "name": dataset.tfds_name if dataset.name == "tfds" else dataset.name,
-        "num_train": len(create_source(config, dataset.get("train_split", "train"))),
-        "num_eval": num_eval_examples(config),
-        "image_shape": (int(dataset.image_size), int(dataset.image_size), int(dataset.channels)),
-        "num_levels": int(dataset.num_levels),
-        "num_classes": num_classes(config),
-    }
-
-
 __all__ = [
     "DigitsSource", "ImageFolderSource", "Preprocess", "RandomFlip", "create_eval_iterator",
-    "create_source", "create_train_iterator", "dataset_summary", "make_global_batch",
-    "num_classes", "num_eval_examples", "resize_center_crop", "restore_args", "save_args",
-    "tfds_source",
+    "create_source", "create_train_iterator", "make_global_batch", "num_eval_examples",
+    "resize_center_crop", "restore_args", "save_args", "tfds_source",
 ]

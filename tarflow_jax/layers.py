@@ -15,8 +15,8 @@ chunk, in place. Separate buffers matter on the sampling hot path: an earlier ve
 an ``(L, B, T, H, hd)`` stack, sliced out each layer's cache and stacked the updated ones
 again (or returned them as ``nn.scan``'s stacked outputs), which made XLA copy and re-zero
 the whole cache on every token step; even slicing a layer out of a stack for attention
-copies it. With a cache, a scanned stack therefore runs its layers as a Python loop over
-the stacked parameters (see :class:`LayerStack`). Heads before tokens make both attention
+copies it. A scanned stack therefore has no cached mode: the samplers run its parameters
+through an unscanned stack (:func:`unstack_layers`, once per block). Heads before tokens make both attention
 products batched over ``(B, H)`` without transposing the cache.
 
 Parameters carry logical axis names (``embed``, ``heads``, ``head_dim``, ``mlp``) that
@@ -56,41 +56,48 @@ def torch_linear_init(fan_in: int) -> Callable[..., jax.Array]:
     return init
 
 
-class _Named(nn.LogicallyPartitioned):
-    """A parameter's logical axis names, without a sharding constraint when unboxed.
+class DenseGeneral(nn.Module):
+    """``y = x·W + b`` contracting ``axis`` of ``x``, like ``nn.DenseGeneral``, with its parameters created whole.
 
-    ``nn.DenseGeneral`` initialises its kernel at a flattened 2-D shape and unboxes it
-    before reshaping; Flax's ``LogicallyPartitioned.unbox`` would then constrain the flat
-    array with the kernel's 3- or 4-D names and fail whenever a mesh is set with
-    ``jax.set_mesh`` (``nn.scan`` runs that initialiser in a shape pre-pass even at apply
-    time). Placement never needs the constraint: the names feed
-    ``sharding.logical_shardings``, whose shardings the jitted init and steps are given.
+    Flax's ``DenseGeneral`` initialises a flat 2-D kernel and reshapes it, so a
+    multi-dimensional kernel's logical axis names (e.g. ``(embed, qkv, heads, head_dim)``)
+    meet the flat array first, and under ``jax.set_mesh`` that sharding constraint fails.
+    Here the kernel and bias are initialised at their real shapes (for the element-wise
+    initialisers used here the values are the same); the computation is Flax's
+    (``promote_dtype`` then one ``lax.dot_general``).
     """
 
-    def unbox(self, apply_constraint: bool = True) -> Any:
-        return self.value
+    features: int | tuple[int, ...]
+    kernel_init: Callable[..., Any]
+    bias_init: Callable[..., Any]
+    axis: int | tuple[int, ...] = -1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-
-def logical_names(init: Callable[..., jax.Array], names: tuple) -> Callable[..., _Named]:
-    """``init`` whose result carries logical axis ``names`` (like ``nn.with_logical_partitioning``)."""
-
-    def wrapper(*args, **kwargs):
-        return _Named(init(*args, **kwargs), names)
-
-    return wrapper
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = tuple(a % x.ndim for a in axis)
+        kernel = self.param("kernel", self.kernel_init, tuple(x.shape[a] for a in axis) + features,
+                            self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        out = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+        return out + jnp.reshape(bias, (1,) * (x.ndim - len(axis)) + features)
 
 
 def dense(features, fan_in: int, names: tuple, *, axis=-1, dtype: Dtype, param_dtype: Dtype,
-          name: str, kernel_init=None) -> nn.DenseGeneral:
-    """A ``DenseGeneral`` with PyTorch's init and logical axis names (kernel names; bias names are the output's)."""
+          name: str, kernel_init=None) -> DenseGeneral:
+    """A :class:`DenseGeneral` with PyTorch's init and logical axis names (kernel names; bias names are the output's)."""
     out_ndim = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
+    return DenseGeneral(
         features=features,
         axis=axis,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=logical_names(kernel_init or torch_linear_init(fan_in), names),
-        bias_init=logical_names(torch_linear_init(fan_in), names[-out_ndim:]),
+        kernel_init=nn.with_logical_partitioning(kernel_init or torch_linear_init(fan_in), names),
+        bias_init=nn.with_logical_partitioning(torch_linear_init(fan_in), names[-out_ndim:]),
         name=name,
     )
 
@@ -102,8 +109,8 @@ def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
         dtype=jnp.float32,
         param_dtype=param_dtype,
         use_fast_variance=False,
-        scale_init=logical_names(nn.initializers.ones, ("embed",)),
-        bias_init=logical_names(nn.initializers.zeros, ("embed",)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
     )
 
@@ -334,13 +341,11 @@ class LayerStack(nn.Module):
 
     With ``scan=True`` the parameters of all layers are stacked on a leading ``layers`` axis
     (parameter path ``layers/...``); otherwise each layer is ``layers_<i>/...``. The cache,
-    when given, holds a tuple of per-layer buffers (see :func:`init_cache`). A scanned stack
-    given a cache runs its layers as a Python loop over slices of the stacked parameters
-    instead of ``nn.scan``, so that every layer updates its own buffer in place. That is
-    correct but, inside a sampler's token loop, slices (copies) every weight matrix on every
-    step; faster is to sample with ``scan=False`` and :func:`unstack_layers` parameters,
-    sliced once before the loop. Either way the sampler's compile time grows with depth;
-    the train step's does not.
+    when given, holds a tuple of per-layer buffers (see :func:`init_cache`) and needs
+    ``scan=False``: sample a scanned model through an unscanned stack with
+    :func:`unstack_layers` parameters, sliced once before the token loop (slicing inside
+    it would copy every weight matrix on every step). The sampler's compile time grows with
+    depth; the train step's does not.
     """
 
     channels: int
@@ -363,8 +368,9 @@ class LayerStack(nn.Module):
                                  prevent_cse=not self.scan)
         kw = dict(channels=self.channels, head_dim=self.head_dim, expansion=self.expansion,
                   dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
-        if self.scan and cache is not None and not self.is_initializing():
-            return self._unrolled(h, cache, pos, temp, kw)
+        if self.scan and cache is not None:
+            raise ValueError("a scanned LayerStack has no cached (per-token) mode; run its parameters "
+                             "through scan=False with layers.unstack_layers (TarFlow.reverse does)")
         if self.scan:
             scanned = nn.scan(
                 layer_cls,
@@ -383,16 +389,3 @@ class LayerStack(nn.Module):
                 for n in new:
                     new[n].append(layer_cache[n])
         return h, (None if cache is None else {n: tuple(new[n]) for n in new})
-
-    def _unrolled(self, h: jax.Array, cache: Cache, pos: jax.Array, temp: jax.Array,
-                  kw: dict[str, Any]) -> tuple[jax.Array, Cache]:
-        """The scanned stack's layers one by one on their parameter slices, each with its own cache."""
-        stacked = nn.meta.unbox(self.variables["params"]["layers"])
-        layer = TransformerLayer(**kw, parent=None)
-        new = {"k": [], "v": []}
-        for i in range(self.num_layers):
-            params = jax.tree.map(lambda p, i=i: p[i], stacked)
-            h, layer_cache = layer.apply({"params": params}, h, {n: cache[n][i] for n in new}, pos, temp)
-            for n in new:
-                new[n].append(layer_cache[n])
-        return h, {n: tuple(new[n]) for n in new}

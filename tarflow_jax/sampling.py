@@ -1,4 +1,4 @@
-"""Inverting flow blocks: the cached sequential inverse, a Jacobi solver, guidance, denoising.
+"""Reversing flow blocks: the cached sequential inverse, a Jacobi solver, guidance.
 
 A block's inverse solves ``x[t+1] = z[t+1]·exp(a_t(x[:t+1])) + b_t(x[:t+1])`` token by
 token (token 0 passes through). Every solver here works on one block's *permuted* tokens
@@ -111,6 +111,15 @@ class JacobiPlan:
             raise ValueError(f"JacobiPlan.tol must be >= 0; got {self.tol}")
 
 
+def segment_bounds(num_tokens: int, num_segments: int) -> list[int]:
+    """Boundaries ``[p_0=0, ..., p_S=T-1]`` of ``S`` near-equal segments of the ``T-1`` solved positions.
+
+    Segment ``s`` covers input positions ``p_s..p_{s+1}-1`` (their outputs are tokens
+    ``p_s+1..p_{s+1}``).
+    """
+    return [round(i * (num_tokens - 1) / num_segments) for i in range(num_segments + 1)]
+
+
 def _double(x: jax.Array, guide: Guidance) -> jax.Array:
     return jnp.concatenate([x, x]) if guide.active else x
 
@@ -122,7 +131,7 @@ def _empty_cache(guide: Guidance, batch: int, num_tokens: int, cache_shape: tupl
     return init_cache(layers, 2 * batch if guide.active else batch, num_tokens, heads, head_dim, dtype)
 
 
-def invert_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
+def reverse_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
                   cache_shape: tuple[int, int, int], dtype: Any) -> jax.Array:
     """Exact sequential inverse of one block with a preallocated key/value cache.
 
@@ -146,7 +155,7 @@ def invert_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: G
     return x
 
 
-def invert_uncached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance
+def reverse_uncached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance
                     ) -> jax.Array:
     """Sequential inverse recomputing the whole sequence every step: the test oracle."""
     batch, num_tokens, _ = zp.shape
@@ -163,7 +172,7 @@ def invert_uncached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide:
     return jax.lax.fori_loop(0, num_tokens - 1, step, zp)
 
 
-def invert_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
+def reverse_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
                   cache_shape: tuple[int, int, int], dtype: Any,
                   block_plan: tuple[int, int | None], tol: float = 1e-5, init: str = "z"
                   ) -> tuple[jax.Array, jax.Array]:
@@ -179,7 +188,7 @@ def invert_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: G
     y2, temp = guide.branches(y, batch)
     cache = _empty_cache(guide, batch, num_tokens, cache_shape, dtype)
     x = zp if init == "z" else zp.at[:, 1:].set(0.0)
-    bounds = [round(i * (num_tokens - 1) / num_segments) for i in range(num_segments + 1)]
+    bounds = segment_bounds(num_tokens, num_segments)
     iterations = []
     for p0, p1 in zip(bounds[:-1], bounds[1:]):
         size = p1 - p0
@@ -207,16 +216,3 @@ def invert_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: G
         iterations.append(n)
     return x, jnp.stack(iterations)
 
-
-def log_prob(model: Any, variables: Any, x: jax.Array, y: jax.Array | None) -> jax.Array:
-    """Exact ``log p(x|y)`` in nats per example under the standard normal prior."""
-    z, logdet = model.apply(variables, x, y)
-    n = z[0].size
-    return -0.5 * jnp.sum(jnp.square(z), axis=(1, 2, 3)) - 0.5 * n * jnp.log(2 * jnp.pi) + logdet
-
-
-def denoise(model: Any, variables: Any, x: jax.Array, y: jax.Array | None, noise_std: float,
-            step_scale: float = 1.0) -> jax.Array:
-    """One score step ``x + step_scale·σ²·∇ₓ log p(x|y)`` (unguided, true labels), clipped to ``[-1,1]``."""
-    score = jax.grad(lambda u: jnp.sum(log_prob(model, variables, u, y)))(x)
-    return jnp.clip(x + step_scale * noise_std ** 2 * score, -1.0, 1.0)

@@ -103,7 +103,10 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a tree of (boxed) abstract arrays; unannotated and 1-D leaves replicate."""
     specs = nn.get_partition_spec(abstract_tree)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
-    leaves = nn.meta.unbox(abstract_tree)
+    # The boxes' plain values: `nn.meta.unbox` would also apply the sharding constraints, which
+    # fails on abstract arrays outside `jit` when a mesh is set (`jax.set_mesh`).
+    leaves = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, abstract_tree,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(lambda s, leaf: replicated if np.ndim(leaf) <= 1 or s is None else s,
                         shardings, leaves, is_leaf=lambda s: isinstance(s, NamedSharding) or s is None)

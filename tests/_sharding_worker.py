@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tarflow_jax import checkpointing, evaluate, generate, input_pipeline, sharding, train  # noqa: E402
+from tarflow_jax import checkpointing, evaluate, generate, input_pipeline, sharding, train, train_state  # noqa: E402
 
 MESHES = {  # name -> config.mesh
     "data8": dict(data=-1, fsdp=1, tensor=1),
@@ -43,7 +43,7 @@ def get_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("smoke")
-    config.model.channels = 128  # two heads, so tensor=2 splits them
+    config.model.width = 128  # two heads, so tensor=2 splits them
     config.batch_size = 16
     config.async_checkpointing = False
     return config
@@ -109,8 +109,8 @@ def loop_collectives(hlo: str) -> tuple[int, int]:
 def train_on(config, mesh, batches, model, tx, schedule):
     """3 train steps as in ``train_and_evaluate``; returns the state, losses, and shard shapes."""
     batch_sharding = sharding.batch_sharding(mesh)
-    with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        state, shardings = train.create_train_state(config, model, tx, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        state, shardings = train_state.create_train_state(config, model, tx, mesh)
         step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
                                          config=config),
                        in_shardings=(shardings, batch_sharding),
@@ -139,8 +139,8 @@ def main():
     start = time.time()
     out = {"num_devices": jax.device_count()}
     config = get_config()
-    model = train.create_model(config)
-    tx, schedule = train.create_optimizer(config)
+    model = train_state.create_model(config)
+    tx, schedule = train_state.create_optimizer(config)
     iterator = input_pipeline.create_train_iterator(config)
     batches = [next(iterator) for _ in range(3)]
 
@@ -162,7 +162,7 @@ def main():
         }
     out["train_seconds"] = time.time() - start
 
-    # ---- sampling: sharded (shard_map) vs the plain jitted sample on one device
+    # ---- sampling: sharded (shard_map) over 8 devices vs the same sampler on one device
     t = time.time()
     rng = np.random.default_rng(0)
     perturbed = jax.tree.map(lambda a: a + 0.02 * rng.standard_normal(a.shape).astype(a.dtype)
@@ -175,9 +175,8 @@ def main():
     for denoise in (False, True):
         cfg = config.copy_and_resolve_references()
         cfg.noise_std = 0.1
-        reference[denoise] = np.asarray(jax.jit(functools.partial(
-            train.sample, model=model, config=cfg, denoise=denoise))(
-                jax.device_put(variables_host, device0), key, labels))
+        draw_one = generate.sharded_sample_fn(model, cfg, one, denoise=denoise)  # one device
+        reference[denoise] = np.asarray(draw_one(jax.device_put(variables_host, device0), key, labels))
     out["sample"] = {"std": float(np.std(reference[False]))}
     for name, denoise, in_context in (("data8", False, False), ("data2_fsdp2_tensor2", False, True),
                                       ("data2_fsdp2_tensor2", True, True)):
@@ -189,7 +188,7 @@ def main():
                                                      sharding.replicated(mesh))}}
         draw = generate.sharded_sample_fn(model, cfg, mesh, denoise=denoise)
         if in_context:
-            with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
                 images = draw(variables, key, labels)
         else:
             images = draw(variables, key, labels)
@@ -223,7 +222,7 @@ def main():
     cfg = config.copy_and_resolve_references()
     cfg.eval.batch_size = 152  # 297 examples: 2 batches, the second padded
     mesh, state, _ = states["data2_fsdp2_tensor2"]
-    with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         sharded = evaluate.evaluate_bits_per_dim(model, state.variables(False), cfg, mesh)
     single = evaluate.evaluate_bits_per_dim(model, host(state.variables(False)), cfg, one)
     # as `main --mode=eval` does: variables on device 0 (from `load`), a mesh of all 8 devices
@@ -242,13 +241,13 @@ def main():
                  ("one_to_fsdp2_tensor2", (one, ref_state, None), states["data2_fsdp2_tensor2"][0]))
         for name, (src_mesh, src_state, _), dst_mesh in cases:
             workdir = str(pathlib.Path(tmp) / name)
-            with src_mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            with jax.set_mesh(src_mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
                 manager = checkpointing.create_manager(workdir, config)
                 checkpointing.save(manager, 3, src_state, None)
                 manager.wait_until_finished()
                 manager.close()
-            with dst_mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
-                target, _ = train.create_train_state(other, model, tx, dst_mesh)
+            with jax.set_mesh(dst_mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+                target, _ = train_state.create_train_state(other, model, tx, dst_mesh)
                 manager = checkpointing.create_manager(workdir, config)
                 restored = checkpointing.restore(manager, target)
                 manager.close()

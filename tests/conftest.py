@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tarflow_jax import TarFlow
+from tarflow_jax.tools.benchmark import random_variables  # noqa: F401 (shared with the tests)
 
 PARITY_FILES = ("uncond_rgb16", "cond_gray8", "vp_rgb8")
 
@@ -45,25 +46,6 @@ def load_parity(path: pathlib.Path, name: str):
     cfg = {k[4:]: data[k].item() for k in data.files if k.startswith("cfg/")}
     state = {k[3:]: data[k] for k in data.files if k.startswith("sd/")}
     return cfg, state, data
-
-
-def random_variables(model: TarFlow, seed: int = 0, head_std: float = 0.05):
-    """Initialised variables with the zero-initialised output heads randomised (non-trivial flow)."""
-    x = jnp.zeros((1, model.img_size, model.img_size, model.in_channels))
-    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    variables = jax.tree.map(lambda v: v, model.init(jax.random.key(seed), x, y))
-    variables = jax.tree.map(lambda v: getattr(v, "value", v), variables,
-                             is_leaf=lambda v: hasattr(v, "value"))
-    params = dict(variables["params"])
-    key = jax.random.key(seed + 1)
-    for name in sorted(params):
-        key, sub = jax.random.split(key)
-        block = dict(params[name])
-        head = dict(block["proj_out"])
-        head["kernel"] = head_std * jax.random.normal(sub, head["kernel"].shape)
-        block["proj_out"] = head
-        params[name] = block
-    return {**variables, "params": params}
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tarflow_jax import TarFlow, configlib, layers, sharding, train
+from tarflow_jax import TarFlow, configlib, layers, sharding, train_state
 from tarflow_jax.tools import aot, hlo_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_attention_checks_before_compiling():
     config = configlib.smoke(_config("imagenet64_cond"))
     config.model.attention = "splash"
     with pytest.raises(ValueError, match="backend here is 'gpu'"):
-        train.validate_config(config, 1, "gpu")
+        train_state.validate_config(config, 1, "gpu")
 
 
 def test_remat_policies_give_the_same_gradients():
@@ -246,8 +246,8 @@ def _config(name, arg=None):
 def _small_config(**model):
     """The smoke config with 256 tokens (splash-sized), width 128 and two scanned layers per block."""
     config = _config("imagenet64_cond", "smoke")
-    config.model.img_size = config.dataset.image_size = 32
-    config.model.update(channels=128, layers_per_block=2, **model)
+    config.dataset.image_size = 32
+    config.model.update(width=128, layers_per_block=2, **model)
     return config
 
 
@@ -282,9 +282,9 @@ def test_fsdp_parameters_are_split_and_gradients_reduce_scattered(smoke_report):
     config, report = smoke_report
     train_program = report["programs"][0]
     mesh = jax.sharding.AbstractMesh((1, 1, 4, 1), sharding.MESH_AXES)
-    model = train.create_model(config)
-    tx, _ = train.create_optimizer(config)
-    state, shardings = train.abstract_train_state(config, model, tx, mesh)
+    model = configlib.create_model(config)
+    tx, _ = train_state.create_optimizer(config)
+    state, shardings = train_state.abstract_train_state(config, model, tx, mesh)
     nbytes = lambda x: math.prod(x.shape) * x.dtype.itemsize
     total = sum(nbytes(x) for x in jax.tree.leaves(state))
     # per-chip arguments: the state divided over the 4 FSDP shards, plus what stays whole

@@ -11,44 +11,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
-from tarflow_jax import JacobiPlan, TarFlow, benchmark
+from tarflow_jax import JacobiPlan, TarFlow
+from tarflow_jax.tools import benchmark
 from tarflow_jax.layers import unstack_layers
 
 
 def test_smoke_benchmark_writes_json(tmp_path):
     out = tmp_path / "smoke.json"
-    result = benchmark.run(["--size=smoke", "--steps=2", "--warmup=1", "--what=train,forward,sample,jacobi",
-                            "--jacobi_segments=1,3", f"--out={out}"])
+    result = benchmark.run(benchmark.parse_args([
+        "benchmark", "--size=smoke", "--steps=2", "--warmup=1", "--what=train,forward,sample,jacobi",
+        "--jacobi_segments=1,3", f"--out={out}"]))
     data = json.loads(out.read_text())
-    assert data["size"] == "smoke" and data["batch"] == benchmark.DEFAULT_BATCH["smoke"]
+    batch = benchmark.DEFAULT_BATCH["smoke"]
+    assert data["size"] == "smoke" and data["batch"] == batch
     for key in ("device", "dtype", "scan", "remat", "params", "peak_tflops", "peak_tflops_source",
                 "flops_method", "analytic_flops", "jax_version", "results"):
         assert key in data, key
-    assert data["params"] > 0
+    model = benchmark.make_model("smoke")
+    assert data["params"] == benchmark.count_params(benchmark.random_variables(model)["params"]) > 0
+    flops = benchmark.flop_counts(model, batch)
+    assert data["analytic_flops"] == flops and flops["train"] == 3 * flops["forward"] > 0
     res = data["results"]
     assert set(res) == {"train", "forward", "sample", "jacobi_s1", "jacobi_s3"}
     for name, entry in res.items():
-        for key in ("compile_s", "lower_s", "times_s", "median_s", "images_per_s", "memory"):
-            assert key in entry, (name, key)
-        assert len(entry["times_s"]) == 2 and entry["images_per_s"] > 0
-        assert "model_flops" in entry and "mfu" in entry
+        times = entry["times_s"]
+        assert len(times) == 2 and all(np.isfinite(t) and t > 0 for t in times), name
+        assert entry["median_s"] == pytest.approx(float(np.median(times)))
+        assert entry["images_per_s"] == pytest.approx(batch / entry["median_s"])
+        assert entry["lower_s"] > 0 and entry["compile_s"] > 0
+        assert entry["compile_total_s"] == pytest.approx(entry["lower_s"] + entry["compile_s"])
+        assert entry["model_flops"] > 0
+        assert entry["model_tflops_per_s"] == pytest.approx(entry["model_flops"] / entry["median_s"] / 1e12)
+        assert entry["mfu"] is None  # no known peak on CPU
         mem = entry["memory"]
-        assert "device_peak_bytes" in mem and (mem.get("xla_total_bytes") or mem.get("xla_peak_bytes"))
+        assert "device_peak_bytes" in mem and (mem.get("xla_total_bytes") or mem.get("xla_peak_bytes")) > 0
+        if entry.get("xla_flops") is not None:
+            assert entry["xla_flops"] > 0
+    for name in ("train", "forward", "sample"):
+        assert res[name]["model_flops"] == flops[name]
     assert np.isfinite(res["train"]["loss"])
-    assert res["sample"]["ms_per_token_step"] > 0 and res["sample"]["finite"]
-    for name in ("jacobi_s1", "jacobi_s3"):
+    token_steps = model.num_blocks * (model.num_tokens - 1)
+    assert res["sample"]["token_steps"] == token_steps and res["sample"]["finite"]
+    assert res["sample"]["ms_per_token_step"] == pytest.approx(1e3 * res["sample"]["median_s"] / token_steps)
+    for name, segments in (("jacobi_s1", 1), ("jacobi_s3", 3)):
         jac = res[name]
-        assert jac["max_abs_diff_vs_cached"] < 1e-3
-        assert np.asarray(jac["iterations"]).shape == (2, jac["segments"])
-        assert jac["total_iterations"] >= 2 and "speedup_vs_cached" in jac
-        assert jac["iteration_count_path_max_abs_diff"] == 0.0
+        iterations = np.asarray(jac["iterations"])
+        assert jac["max_abs_diff_vs_cached"] < 1e-3 and jac["finite"]
+        assert iterations.shape == (2, segments) and jac["total_iterations"] == iterations.sum()
+        # every segment iterates at least once and at most its length (exact after that many)
+        lengths = np.diff(benchmark.sampling.segment_bounds(model.num_tokens, segments))
+        assert np.all(iterations >= 1) and np.all(iterations <= lengths)
+        assert jac["model_flops"] == benchmark.jacobi_flops(model, batch, segments, iterations)
+        # a Jacobi iteration over a whole segment costs at least the cached steps it replaces
+        assert jac["model_flops"] >= flops["sample"] * jac["total_iterations"] / token_steps
+        assert jac["speedup_vs_cached"] == pytest.approx(res["sample"]["median_s"] / jac["median_s"])
     assert result["results"]["train"]["images_per_s"] == res["train"]["images_per_s"]
     assert "| train |" in benchmark.format_table(data)
 
 
 def test_compile_only_uses_abstract_state(tmp_path):
-    result = benchmark.run(["--size=smoke", "--what=train", "--compile_only", "--noscan", "--remat"])
+    result = benchmark.run(benchmark.parse_args(["benchmark", "--size=smoke", "--what=train", "--compile_only",
+                                                 "--noscan", "--remat"]))
     entry = result["results"]["train"]
     assert entry["compile_only"] and entry["compile_s"] > 0 and "times_s" not in entry
     assert result["scan"] is False and result["remat"] is True
@@ -69,12 +94,14 @@ def test_peak_table_and_flops():
 
 
 def test_parse_args_flags():
-    args = benchmark.parse_args(["--size=small", "--noscan", "--remat", "--what=forward,sample",
-                                 "--dtype=bfloat16", "--peak_tflops=100"])
-    assert (args.scan, args.remat, args.what, args.dtype, args.peak_tflops) == (
-        False, True, ["forward", "sample"], "bfloat16", 100.0)
-    with pytest.raises(SystemExit):
-        benchmark.parse_args(["--what=train,bogus"])
+    args = benchmark.parse_args(["benchmark", "--size=small", "--noscan", "--remat", "--what=forward,sample",
+                                 "--dtype=bfloat16", "--peak_tflops=100", "--jacobi_segments=2,4"])
+    assert (args.scan, args.remat, args.what, args.dtype, args.peak_tflops, args.jacobi_segments, args.batch) == (
+        False, True, ["forward", "sample"], "bfloat16", 100.0, [2, 4], benchmark.DEFAULT_BATCH["small"])
+    with pytest.raises(flags.Error, match="--what"):
+        benchmark.parse_args(["benchmark", "--what=train,bogus"])
+    with pytest.raises(flags.Error):
+        benchmark.parse_args(["benchmark", "--size=huge"])
 
 
 @pytest.mark.parametrize("guidance", [0.0, 1.5])

@@ -12,7 +12,8 @@ import pytest
 
 import tarflow_jax
 from conftest import load_parity
-from tarflow_jax import TarFlow, convert
+from tarflow_jax import TarFlow, configlib, convert
+from tarflow_jax.tools import convert as convert_tool
 from tarflow_jax.convert import from_torch_state_dict
 
 
@@ -63,10 +64,8 @@ SMALL_SAMPLING = ["--config.sample.num_samples=4", "--config.sample.batch_size=4
 
 
 def model_overrides(cfg: dict) -> list[str]:
-    """``--config.model.*`` (and matching ``--config.dataset.*``) flags for a parity file's model."""
-    flags = [f"--config.model.{k}={v}" for k, v in cfg.items()]
-    return flags + [f"--config.dataset.image_size={cfg['img_size']}",
-                    f"--config.dataset.channels={cfg['in_channels']}"]
+    """``--config.model.*`` / ``--config.dataset.*`` flags for a parity file's model (TarFlow field names)."""
+    return [f"--config.{configlib.config_path(k)}={v}" for k, v in cfg.items()]
 
 
 def write_pth(torch, state: dict, path: pathlib.Path, wrapper: str | None = None) -> pathlib.Path:
@@ -76,7 +75,7 @@ def write_pth(torch, state: dict, path: pathlib.Path, wrapper: str | None = None
 
 
 def run_convert(capsys, *args) -> tuple[int, str, str]:
-    code = convert.main(["tarflow_jax.convert", *map(str, args)])
+    code = convert_tool.main(["tarflow_jax.tools.convert", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -89,7 +88,7 @@ def converted_cond(parity_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("convert")
     pth = write_pth(torch, state, tmp / "cond_gray8.pth", wrapper="model")
     out = tmp / "workdir"
-    code = convert.main(["tarflow_jax.convert", f"--torch_checkpoint={pth}", "--config=configs/digits.py",
+    code = convert_tool.main(["tarflow_jax.tools.convert", f"--torch_checkpoint={pth}", "--config=configs/digits.py",
                          f"--out={out}", *model_overrides(cfg), *SMALL_SAMPLING])
     assert code == 0
     return out, pth, cfg, data
@@ -100,7 +99,7 @@ def test_cli_converted_workdir_reproduces_parity(converted_cond):
     assert (out / "checkpoints" / "0" / "state").is_dir() and not (out / "checkpoints" / "0" / "data").exists()
     assert json.loads((out / "config.json").read_text())["model"]["num_blocks"] == cfg["num_blocks"]
     model, variables, config = tarflow_jax.load(str(out))
-    assert config.model.channels == cfg["channels"] and model.num_classes == cfg["num_classes"]
+    assert config.model.width == cfg["channels"] and model.num_classes == cfg["num_classes"]
     z, logdet = model.apply(variables, data["x"], data["y"])
     assert np.abs(np.asarray(z) - data["z"]).max() <= 1e-4
     n = np.prod(data["x"].shape[1:])
@@ -131,19 +130,19 @@ def test_cli_mismatch_names_the_config_field(converted_cond, tmp_path, capsys):
     _, pth, cfg, _ = converted_cond
     base = [f"--torch_checkpoint={pth}", "--config=configs/digits.py", f"--out={tmp_path / 'bad'}",
             *model_overrides(cfg)]
-    code, _, err = run_convert(capsys, *base, "--config.model.channels=192")
+    code, _, err = run_convert(capsys, *base, "--config.model.width=192")
     assert code == 1
-    assert "config.model.channels=192, but the checkpoint has channels=128" in err
-    assert "try: --config.model.channels=128" in err
+    assert "config.model.width=192, but the checkpoint has width=128" in err
+    assert "try: --config.model.width=128" in err
     assert "'blocks.0.pos_embed' has shape (16, 128)" in err and "expects (16, 192)" in err  # the key-level error
     code, _, err = run_convert(capsys, *base, "--config.model.num_blocks=4", "--config.model.num_classes=0")
     assert code == 1 and "config.model.num_blocks=4, but the checkpoint has num_blocks=2" in err
     assert "config.model.num_classes=0, but the checkpoint has num_classes=10" in err
     code, _, err = run_convert(capsys, *base, "--config.model.patch_size=4")
     assert code == 1 and "config.model.patch_size=4, but the checkpoint has patch_size=2" in err
-    code, _, err = run_convert(capsys, *base, "--config.model.in_channels=3", "--config.dataset.channels=3")
-    assert code == 1 and "config.model.in_channels=3, but the checkpoint has in_channels=1" in err
-    assert "--config.dataset.channels=1" in err
+    code, _, err = run_convert(capsys, *base, "--config.dataset.channels=3")
+    assert code == 1 and "config.dataset.channels=3, but the checkpoint has channels=1" in err
+    assert "try: --config.dataset.channels=1" in err
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
@@ -153,9 +152,9 @@ def test_cli_help_and_usage_errors(tmp_path, capsys, monkeypatch):
     assert code == 0 and "--torch_checkpoint" in text and "--config.model" in text
     code, _, err = run_convert(capsys, "--config=configs/digits.py", f"--out={tmp_path}")
     assert code == 2 and "missing --torch_checkpoint" in err
-    code, _, err = run_convert(capsys, "--config=configs/digits.py", "--config.model.chanels=3",
+    code, _, err = run_convert(capsys, "--config=configs/digits.py", "--config.model.widht=3",
                                "--torch_checkpoint=x.pth", f"--out={tmp_path}")
-    assert code == 2 and "channels" in err
+    assert code == 2 and "widht" in err
     code, _, err = run_convert(capsys, f"--torch_checkpoint={tmp_path / 'none.pth'}", "--config=configs/digits.py",
                                f"--out={tmp_path / 'x'}")
     assert code == 1 and "no checkpoint file" in err
@@ -187,13 +186,14 @@ def test_afhq_shapes_against_configs():
     assert convert.infer_model_fields(state) == {
         "num_blocks": 8, "layers_per_block": 8, "num_tokens": 1024, "channels": 768, "token_dim": 192,
         "nvp": True, "num_classes": 3, "expansion": 4}
-    assert convert.config_mismatches(state, load_config("afhq256").model) == []
-    smoke = {m[0]: (m[1], m[2]) for m in convert.config_mismatches(state, load_config("afhq256", "smoke").model)}
+    fields = lambda *arg: configlib.model_kwargs(load_config("afhq256", *arg))
+    assert convert.config_mismatches(state, fields()) == []
+    smoke = {m[0]: (m[1], m[2]) for m in convert.config_mismatches(state, fields("smoke"))}
     assert smoke == {"channels": (64, 768), "num_blocks": (2, 8), "layers_per_block": (1, 8),
                      "img_size": (16, 256), "patch_size": (2, 8)}
-    with pytest.raises(ValueError, match=r"(?s)config.model.patch_size=4, but the checkpoint has patch_size=8.*"
-                                         r"try: --config.model.patch_size=8"):
-        convert.check_config(state, {**load_config("afhq256").model, "patch_size": 4})
+    text = convert.describe_mismatches(convert.config_mismatches(state, {**fields(), "patch_size": 4}))
+    assert "config.model.patch_size=4, but the checkpoint has patch_size=8" in text
+    assert text.endswith("try: --config.model.patch_size=8")
     with pytest.raises(ValueError, match="not a TarFlow state dict"):
         convert.infer_model_fields({"fc.weight": np.zeros((2, 2))})
 

@@ -10,13 +10,14 @@ import pathlib
 import numpy as np
 import pytest
 
-from tarflow_jax import fid, fid_cli, input_pipeline
+from tarflow_jax import fid, input_pipeline
+from tarflow_jax.tools import fid as fid_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run(capsys, *args):
-    code = fid_cli.main(["tarflow_jax.fid_cli", *map(str, args)])
+    code = fid_cli.main(["tarflow_jax.tools.fid", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

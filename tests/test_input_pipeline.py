@@ -21,6 +21,23 @@ def make_config(**dataset) -> ml_collections.ConfigDict:
         dict(batch_size=32, seed=0, data_workers=0, dataset=base))
 
 
+def dataset_summary(config: ml_collections.ConfigDict) -> dict:
+    """Sizes, image shape, levels and classes of a config's dataset (a test helper, moved out of the library)."""
+    d = config.dataset
+    train = ip.create_source(config, d.train_split)
+    if d.name == "digits":
+        classes = 10
+    elif d.name == "folder":
+        classes = len(train.classes)
+    else:
+        import tensorflow_datasets as tfds
+
+        classes = tfds.builder(d.tfds_name, data_dir=d.data_dir).info.features[d.label_key].num_classes
+    return {"name": d.tfds_name if d.name == "tfds" else d.name, "num_train": len(train),
+            "num_eval": ip.num_eval_examples(config), "image_shape": (d.image_size, d.image_size, d.channels),
+            "num_levels": d.num_levels, "num_classes": classes}
+
+
 def take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
@@ -53,7 +70,7 @@ def test_digits_split_sizes_and_batches():
     assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
     assert batch["image"].max() <= 16 and batch["image"].max() > 0
     assert 0 <= batch["label"].min() and batch["label"].max() <= 9
-    assert ip.dataset_summary(config) == {
+    assert dataset_summary(config) == {
         "name": "digits", "num_train": 1500, "num_eval": 297, "image_shape": (8, 8, 1),
         "num_levels": 17, "num_classes": 10}
 
@@ -222,7 +239,7 @@ def test_tfds_mock_data_source_batches(tmp_path):
         batch = next(ip.create_train_iterator(config))
         assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].dtype == np.int32 and batch["label"].max() < 10
-        summary = ip.dataset_summary(config)
+        summary = dataset_summary(config)
         assert summary["name"] == "cifar10" and summary["num_classes"] == 10
         assert summary["num_train"] == summary["num_eval"] == 10
 
@@ -286,7 +303,7 @@ def test_folder_center_crop_and_labels(image_folder):
     mask = np.concatenate([b["mask"] for b in batches])
     assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8
     assert labels[mask].tolist() == [0, 0, 0, 1, 1, 1] and mask.sum() == 6
-    assert ip.dataset_summary(config)["num_classes"] == 2
+    assert dataset_summary(config)["num_classes"] == 2
     # The 16x16 JPEG is left untouched.
     np.testing.assert_array_equal(
         images[2], np.asarray(Image.open(image_folder / "train" / "cat" / "2.jpg").convert("RGB")))

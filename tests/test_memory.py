@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh
 
-from tarflow_jax import TarFlow, memory, sharding
+from tarflow_jax import TarFlow, sharding
+from tarflow_jax.tools import memory
 
 SMALL = dict(img_size=8, in_channels=3, patch_size=2, channels=64, num_blocks=2, layers_per_block=2,
              num_classes=3)
@@ -124,6 +125,6 @@ def test_bad_inputs():
 
 
 def test_main_prints_tables(capsys):
-    memory.main(["digits"])
+    assert memory.main(["memory", "--configs=digits"]) == 0
     out = capsys.readouterr().out
     assert "| digits |" in out and "TPU v5p" in out and "fewest chips" in out

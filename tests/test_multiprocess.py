@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from tarflow_jax import input_pipeline, sharding, train
+from tarflow_jax import input_pipeline, sharding, train, train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOSS = re.compile(r"\] \[(\d+)\] .*[ ,]loss=([-+0-9.eE]+)")
@@ -73,11 +73,11 @@ def single_process_losses(num_steps: int) -> list[float]:
 
     config = get_config("digits")
     config.num_train_steps = num_steps  # the learning-rate schedule depends on it
-    model = train.create_model(config)
-    tx, schedule = train.create_optimizer(config)
+    model = train_state.create_model(config)
+    tx, schedule = train_state.create_optimizer(config)
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     iterator = input_pipeline.create_train_iterator(config, process_index=0, process_count=1)
-    state, _ = train.create_train_state(config, model, tx, mesh)
+    state, _ = train_state.create_train_state(config, model, tx, mesh)
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config))
     out = []
     for _ in range(num_steps):

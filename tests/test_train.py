@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import tarflow_jax
-from tarflow_jax import checkpointing, input_pipeline, sharding, train
+from tarflow_jax import checkpointing, input_pipeline, sharding, train, train_state
 from tarflow_jax.flow import TarFlow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,19 +46,19 @@ def write_image_folder(root: pathlib.Path, classes=("cat", "dog", "wild"), per_c
 def test_one_real_step_per_config(name, tmp_path):
     config = get_config(name)
     full = get_config(name, None)
-    assert full.model.channels >= 128 and full.num_train_steps >= 1000  # the real run is not the smoke one
+    assert full.model.width >= 128 and full.num_train_steps >= 1000  # the real run is not the smoke one
     if name == "afhq256":
         write_image_folder(tmp_path)
         config.dataset.data_dir = str(tmp_path)
-    train.validate_config(config, jax.device_count())
-    model = train.create_model(config)
-    tx, schedule = train.create_optimizer(config)
+    train_state.validate_config(config, jax.device_count())
+    model = train_state.create_model(config)
+    tx, schedule = train_state.create_optimizer(config)
     mesh = sharding.create_mesh(config.mesh)
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=16):
         iterator = input_pipeline.create_train_iterator(config)
         batch = input_pipeline.make_global_batch(next(iterator), sharding.batch_sharding(mesh))
-    state, _ = train.create_train_state(config, model, tx, mesh)
+    state, _ = train_state.create_train_state(config, model, tx, mesh)
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config))
     new_state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
@@ -103,9 +103,45 @@ def test_load_trained_flow(digits_run):
         tarflow_jax.load(str(workdir / "nothing"))
 
 
+LOAD_PROBE = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import tarflow_jax
+
+workdir = sys.argv[1]
+model, variables, config = tarflow_jax.load(workdir)
+z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+x = model.apply(variables, z, jnp.array([1, 2]), method=tarflow_jax.TarFlow.reverse)
+nbytes = lambda tree: sum(a.nbytes for a in jax.tree.leaves(tree))
+heavy = ("optax", "clu", "grain", "tensorflow", "tensorflow_datasets")
+ours = ("tarflow_jax.train", "tarflow_jax.train_state", "tarflow_jax.input_pipeline", "tarflow_jax.tools")
+print("PROBE " + json.dumps({
+    "imported": sorted(m for m in sys.modules if m.split(".")[0] in heavy or m.startswith(ours)),
+    "keys": sorted(variables), "prior": sorted(variables["prior"]),
+    "finite": bool(np.isfinite(np.asarray(x)).all()),
+    "returned_bytes": nbytes(variables), "live_bytes": sum(a.nbytes for a in jax.live_arrays()),
+}))
+"""
+
+
+def test_load_imports_no_trainer_and_restores_only_parameters(digits_run):
+    """``tarflow_jax.load`` + sampling in a fresh process: no trainer/optax/clu/grain/TF, params + prior only."""
+    workdir, _ = digits_run
+    result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(workdir)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads(result.stdout.split("PROBE ", 1)[1])
+    assert probe["imported"] == [] and probe["finite"]
+    assert probe["keys"] == ["params", "prior"] and probe["prior"] == ["var"]
+    # The run kept an EMA and AdamW moments: a whole-state restore would hold >= 4x the parameters.
+    assert probe["returned_bytes"] <= probe["live_bytes"] < 1.5 * probe["returned_bytes"]
+
+
 def test_eval_and_sample_modes(digits_run):
     workdir, _ = digits_run
-    for mode, extra in (("eval", []), ("sample", ["--config.sample.num_samples=3"])):
+    # No --config: the run's stored config, with ml_collections overrides (a None-valued field too).
+    sample_flags = ["--config.sample.num_samples=3", "--config.sample.labels=(7,8,9)"]
+    for mode, extra in (("eval", []), ("sample", sample_flags)):
         result = subprocess.run([sys.executable, "-m", "tarflow_jax.main", f"--workdir={workdir}",
                                  f"--mode={mode}", *extra], cwd=ROOT, capture_output=True, text=True,
                                 timeout=600)
@@ -114,6 +150,7 @@ def test_eval_and_sample_modes(digits_run):
     assert record["num_examples"] == 297 and record["markdown_row"].startswith("| digits test")
     samples = np.load(workdir / "samples" / "samples_00000003.npz")
     assert samples["arr_0"].dtype == np.uint8 and samples["arr_0"].shape == (3, 8, 8, 1)  # the override applies
+    np.testing.assert_array_equal(samples["labels"], [7, 8, 9])
 
 
 def run_training(config, workdir):
@@ -160,9 +197,9 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
 def test_skipped_step_keeps_state(tmp_path):
     config = get_config("digits")
     config.noise, config.noise_std = "gaussian", float("nan")
-    model = train.create_model(config)
-    tx, schedule = train.create_optimizer(config)
-    state, _ = train.create_train_state(config, model, tx, sharding.create_mesh(config.mesh))
+    model = train_state.create_model(config)
+    tx, schedule = train_state.create_optimizer(config)
+    state, _ = train_state.create_train_state(config, model, tx, sharding.create_mesh(config.mesh))
     batch = {"image": jnp.zeros((8, 8, 8, 1), jnp.uint8), "label": jnp.zeros((8,), jnp.int32)}
     new, metrics = train.train_step(state, batch, model=model, tx=tx, schedule=schedule, config=config)
     assert int(metrics["skipped"]) == 1 and int(new.consecutive_skips) == 1 and int(new.step) == 1
@@ -171,11 +208,10 @@ def test_skipped_step_keeps_state(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("model.patch_size", 3, "config.model.img_size=8 is not divisible by config.model.patch_size=3"),
-    ("dataset.image_size", 16, "config.dataset.image_size=16 differs from config.model.img_size=8"),
+    ("model.patch_size", 3, "config.dataset.image_size=8 is not divisible by config.model.patch_size=3"),
     ("noise", "salt", "config.noise must be one of"),
     ("batch_size", 12, "config.batch_size=12 is not divisible by the 8 data-parallel devices"),
-    ("model.channels", 100, "config.model.channels=100 is not divisible by the head dim 64"),
+    ("model.width", 100, "config.model.width=100 is not divisible by the head dim 64"),
     ("ema_decay", 1.5, r"config.ema_decay=1.5 must be in \[0, 1\)"),
     ("mesh.tensor", 3, "config.mesh"),
 ])
@@ -184,7 +220,7 @@ def test_bad_config_errors(field, value, match):
     section, _, name = field.rpartition(".")
     (config[section] if section else config)[name] = value
     with pytest.raises(ValueError, match=match):
-        train.validate_config(config, num_devices=8)
+        train_state.validate_config(config, num_devices=8)
 
 
 def test_sigterm_saves_before_exiting(tmp_path):
@@ -209,13 +245,13 @@ def test_sigterm_saves_before_exiting(tmp_path):
 def test_jacobi_matches_cached_inverse_on_a_trained_digits_model(tmp_path):
     config = get_config("digits")
     config.num_train_steps = 150
-    config.model.update(channels=64, num_blocks=2, layers_per_block=1)
+    config.model.update(width=64, num_blocks=2, layers_per_block=1)
     config.checkpoint_every_steps = 0
     config.log_every_steps = 50
     config.async_checkpointing = False
     state = run_training(config, tmp_path)
     assert float(checkpointing.load(str(tmp_path))[0].num_dims) == 64
-    model = train.create_model(config)
+    model = train_state.create_model(config)
     variables = state.variables()
     z = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
     y = jnp.array([0, 3, 5, 9])

@@ -12,7 +12,7 @@ machine without a TPU. This tool builds the config's mesh over those devices and
 the three programs a run executes, through the builders the run itself uses:
 
 * ``train``: :func:`tarflow_jax.train.jit_train_step` on the abstract train state of
-  :func:`tarflow_jax.train.abstract_train_state` (the state's real shardings, donated) and a
+  :func:`tarflow_jax.train_state.abstract_train_state` (the state's real shardings, donated) and a
   global batch of ``config.batch_size``;
 * ``eval``: :func:`tarflow_jax.evaluate.jit_eval_step` (bits/dim, ``config.eval.num_draws``
   draws) on a batch of ``config.eval.batch_size``, with the EMA or raw parameters as the
@@ -30,7 +30,7 @@ For each it prints (``--json=FILE`` writes the same):
 * a **roofline step time**: ``max(FLOPs / peak, bytes / HBM bandwidth)`` with the chip's
   published bfloat16 peak (float32 matmuls at ``HIGHEST`` precision cost 6 bfloat16 passes,
   ``HIGH`` 3), which bound dominates, and the **model FLOPs utilisation** that time implies
-  (analytic model FLOPs, :func:`tarflow_jax.benchmark.flop_counts`, per chip over the
+  (analytic model FLOPs, :func:`tarflow_jax.tools.benchmark.flop_counts`, per chip over the
   roofline time and the peak). These are estimates of an ideal execution, not measurements;
 * **collectives** by kind with how many run per step and their bytes per chip, read from
   the optimised HLO;
@@ -60,6 +60,13 @@ import sys
 import tempfile
 import time
 from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tarflow_jax import configlib, evaluate, generate, layers, sharding, train, train_state
+from tarflow_jax.tools import benchmark, hlo_stats
 
 GIB = 1024 ** 3
 
@@ -193,8 +200,6 @@ def missing_libtpu_message() -> str | None:
     """What to install when ``libtpu`` (the TPU compiler) is missing; ``None`` when present."""
     if importlib.util.find_spec("libtpu") is not None:
         return None
-    import jax
-
     return (f"the TPU dry run needs libtpu (the TPU compiler), which is not installed.\n"
             f"Install the version jax[tpu] pins for jax {jax.__version__}:\n"
             f"    pip install 'tarflow_jax[tpu]'        # from a checkout: pip install -e '.[tpu]'\n"
@@ -220,8 +225,6 @@ def prepare_environment() -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    import jax
-
     if not jax.config.jax_platforms:
         jax.config.update("jax_platforms", "cpu")
 
@@ -315,8 +318,6 @@ def _roofline(chip: Chip, bf16_flops: float, hbm_bytes: float, model_flops: floa
 def compile_program(name: str, description: str, jitted: Any, args: Sequence[Any], chip: Chip,
                     model_flops_per_chip: float, hlo_dir: str | None = None) -> Program:
     """Traces, lowers and compiles ``jitted(*args)`` for the compile-only devices; analyses the result."""
-    from tarflow_jax.tools import hlo_stats
-
     program = Program(name, description, fits=True, capacity_bytes=chip.usable_hbm_gib * GIB,
                       model_flops_per_chip=model_flops_per_chip)
     start = time.perf_counter()
@@ -354,8 +355,6 @@ def compile_program(name: str, description: str, jitted: Any, args: Sequence[Any
         os.makedirs(hlo_dir, exist_ok=True)
         with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
             f.write(text)
-    from tarflow_jax import layers
-
     stats = hlo_stats.analyze(text, splash_block=lambda tokens: layers.splash_block_sizes(tokens).block_q)
     program.hlo = stats.to_dict()
     program.loops = stats.loops
@@ -368,9 +367,6 @@ def compile_program(name: str, description: str, jitted: Any, args: Sequence[Any
 # ------------------------------------------------------------------------ the run
 def replicated_params_warnings(abstract_params: Any, mesh: Any, limit: int = 1 << 20) -> list[str]:
     """Parameters over ``limit`` bytes left whole on every chip although the mesh shards parameters."""
-    import jax
-    import numpy as np
-
     if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
         return []
     out = []
@@ -390,26 +386,21 @@ def dry_run(config: Any, topology: Topology, programs: Sequence[str] = ("train",
       ValueError: an inconsistent config for this slice (e.g. a batch the mesh cannot split),
         before anything compiles; an unknown program name.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from tarflow_jax import benchmark, evaluate, generate, sharding, train
-
     unknown = set(programs) - {"train", "eval", "sample"}
     if unknown:
         raise ValueError(f"--programs: unknown {sorted(unknown)}; choose from train, eval, sample")
     devices = compile_only_devices(topology)
-    train.validate_config(config, len(devices), devices[0].platform)
+    train_state.validate_config(config, len(devices), devices[0].platform)
     mesh = sharding.create_mesh(config.mesh, devices)
-    model = train.create_model(config)
-    tx, schedule = train.create_optimizer(config)
+    model = configlib.create_model(config)
+    tx, schedule = train_state.create_optimizer(config)
     chip = topology.chip
     chips = len(devices)
     report: dict[str, Any] = {
         "topology": topology.describe(), "slice": topology.slice_name, "num_slices": topology.num_slices,
         "chips": chips, "chip": dataclasses.asdict(chip), "mesh": dict(mesh.shape),
         "model": {k: config.model[k] for k in config.model}, "programs": []}
-    abstract_state, state_shardings = train.abstract_train_state(config, model, tx, mesh)
+    abstract_state, state_shardings = train_state.abstract_train_state(config, model, tx, mesh)
     variables = abstract_state.variables(config.eval.use_ema)
     flops = lambda batch: benchmark.flop_counts(model, batch)
     replicated = sharding.replicated(mesh)

@@ -1,10 +1,12 @@
-"""Shared command-line plumbing for the small absl tools (``convert``, ``fid_cli``)."""
+"""Shared command-line plumbing for the absl tools in ``tarflow_jax.tools``."""
 
 from __future__ import annotations
 
 import re
 import sys
 from typing import Any, Sequence
+
+from absl import flags
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
@@ -22,8 +24,6 @@ def parse_flags(fv: Any, argv: Sequence[str], prog: str, usage: str) -> list[str
     Help flags print the usage and the flags (status 0); bad flags or stray arguments print
     a usage error (status 2).
     """
-    from absl import flags
-
     if any(a in HELP_FLAGS for a in argv[1:]):
         print(usage + "\nflags:\n" + fv.get_help(include_special_flags=False))
         return 0
