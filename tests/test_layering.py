@@ -21,7 +21,7 @@ LAYERS = [
     {"train"},
     {"main"},
 ]
-DEPRECATED_SHIMS = {"benchmark", "memory", "fid_cli"}  # forward to tools/ with a warning
+DEPRECATED_SHIMS = {"benchmark", "memory", "fid_cli"}  # forward to tools/ with a warning (memory: retired)
 ENTRY_POINTS = {"aot"}  # `python -m tarflow_jax.aot`: the documented command of tools/aot.py
 
 
@@ -78,7 +78,6 @@ ROOT = PACKAGE.parent
 
 
 @pytest.mark.parametrize("old,new,args,expect", [
-    ("memory", "tools.memory", ["--configs=digits"], "| digits |"),
     ("convert", "tools.convert", ["--help"], "--torch_checkpoint"),
 ])
 def test_old_entry_points_forward_with_a_warning(old, new, args, expect):
@@ -95,3 +94,11 @@ def test_old_module_attributes_forward_with_a_warning():
 
     with pytest.warns(FutureWarning, match="tarflow_jax.tools.benchmark"):
         assert old.flop_counts is benchmark.flop_counts
+
+
+def test_retired_memory_tool_points_to_the_dry_run():
+    result = subprocess.run([sys.executable, "-m", "tarflow_jax.memory"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "python -m tarflow_jax.aot" in result.stderr
+    with pytest.raises(ImportError, match="tarflow_jax.aot"):
+        import tarflow_jax.memory  # noqa: F401
