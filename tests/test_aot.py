@@ -317,11 +317,12 @@ def test_splash_compiles_for_tpu_and_drops_the_attention_matrices():
 def test_cli_writes_json_and_exits_nonzero_when_it_does_not_fit(tmp_path):
     out = tmp_path / "dry_run.json"
     base = [sys.executable, "-m", "tarflow_jax.aot", "--config=configs/digits.py:smoke", "--topology=v5e-4"]
-    ok = subprocess.run(base + ["--programs=eval", f"--json={out}"], cwd=ROOT, capture_output=True,
-                        text=True, timeout=600)
+    ok = subprocess.run(base + ["--programs=eval", "--num_slices=2", f"--json={out}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["slice"] == "v5e-4" and report["programs"][0]["fits"]
+    assert report["slice"] == "v5e-4" and report["chips"] == 8 and report["programs"][0]["fits"]
+    assert report["mesh"] == {"dcn": 2, "data": 4, "fsdp": 1, "tensor": 1}  # digits: data=-1
     assert "HBM/chip" in ok.stdout and "roofline" in ok.stdout
     big = subprocess.run(base + ["--programs=eval", "--config.eval.batch_size=33554432"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)

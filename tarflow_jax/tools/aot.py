@@ -428,6 +428,7 @@ def dry_run(config: Any, topology: Topology, programs: Sequence[str] = ("train",
                      lambda: generate.jit_sample_step(model, config, mesh, denoise),
                      lambda: (variables, key, labels),
                      flops(rows)["sample"] / chips))
+    log(f"mesh {' × '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {chips} chips")
     with sharding.mesh_context(mesh):
         for name, description, build, args, model_flops in jobs:
             log(f"compiling {name}: {description} ...")
