@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
     c.model.update(patch_size=2, width=512, num_blocks=6, layers_per_block=4, num_classes=10,
                    dtype="float32", scan_layers=True)
     c.noise = "uniform"
+    c.matmul_precision = "highest"  # float32 likelihood: true float32 matmuls on TPU/GPU
     c.label_drop = 0.1
     c.batch_size = 256
     c.num_train_steps = 300 * STEPS_PER_EPOCH

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
@@ -25,6 +26,18 @@ MOVED_MODEL_FIELDS = {"img_size": "image_size", "in_channels": "channels"}
 # TarFlow fields whose config field has another name; the others are config.model.<field>.
 _CONFIG_PATHS = {"channels": "model.width", "img_size": "dataset.image_size",
                  "in_channels": "dataset.channels"}
+
+
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def matmul_precision(config: ml_collections.ConfigDict):
+    """A context applying ``config.matmul_precision`` to the matmuls traced inside it.
+
+    ``"default"`` leaves JAX's default (on TPU one bfloat16 pass, also for float32 operands;
+    TF32 on recent NVIDIA GPUs), ``"high"`` three bfloat16 passes, ``"highest"`` true float32.
+    """
+    return jax.default_matmul_precision(config.get("matmul_precision", "default"))
 
 
 def config_path(model_field: str) -> str:
@@ -46,7 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
     # The Transformer flow; TarFlow's img_size/in_channels come from config.dataset.
     c.model = ml_collections.ConfigDict(dict(
         patch_size=2, width=768, num_blocks=8, layers_per_block=8, num_classes=0, nvp=True,
-        head_dim=64, expansion=4, dtype="float32", scan_layers=False, remat=False))
+        head_dim=64, expansion=4, dtype="float32", scan_layers=False, remat=False,
+        remat_policy="nothing", attention="xla"))
+    # Matmul precision on accelerators (jax.default_matmul_precision) in the train, eval and
+    # sampling steps: "default" (TPU: one bfloat16 pass even for float32), "high" (3 passes),
+    # "highest" (true float32: 6 passes on TPU, no TF32 on GPU).
+    c.matmul_precision = "default"
     # Input noise: "uniform" dequantization (likelihood models) or "gaussian" with noise_std.
     c.noise = "uniform"
     c.noise_std = 0.0

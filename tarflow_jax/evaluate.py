@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tarflow_jax import input_pipeline, sharding, workdir as workdir_lib
+from tarflow_jax import configlib, input_pipeline, sharding, workdir as workdir_lib
 from tarflow_jax.flow import TarFlow
 from tarflow_jax.likelihood import bits_per_dim, dequantize
 
@@ -56,6 +56,25 @@ def _batch_sums(variables: Any, batch: dict[str, jax.Array], rng: jax.Array, *, 
             "iw_sum": jnp.sum(iw_bpd * mask, axis=1), "count": jnp.sum(mask, axis=1)}
 
 
+def jit_eval_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  num_draws: int = 1):
+    """The jitted eval step :func:`evaluate_bits_per_dim` runs: ``step(variables, batch, rng) -> sums``.
+
+    ``batch`` is an eval batch (``image``, ``label``, ``mask``) split over the data axes of
+    ``mesh``; the forward pass runs per device at ``config.matmul_precision`` (see
+    :func:`_batch_sums`). It can be ``.trace``d with abstract arguments (the compile-only
+    dry run, ``tarflow_jax.tools.aot``, does).
+    """
+    sums = functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
+                             num_draws=num_draws, mesh=mesh)
+
+    def step(variables, batch, rng):
+        with configlib.matmul_precision(config):
+            return sums(variables, batch, rng)
+
+    return jax.jit(step)
+
+
 def evaluate_bits_per_dim(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,
                           mesh: jax.sharding.Mesh, num_draws: int = 1, seed: int = 0
                           ) -> dict[str, Any]:
@@ -93,8 +112,7 @@ def evaluate_bits_per_dim(model: TarFlow, variables: Any, config: ml_collections
     if batch_size % ways:
         raise ValueError(f"config.eval.batch_size={batch_size} is not divisible by the {ways} "
                          f"data-parallel devices")
-    step = jax.jit(functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
-                                     num_draws=num_draws, mesh=mesh))
+    step = jit_eval_step(model, config, mesh, num_draws)
     batch_sharding = sharding.batch_sharding(mesh)
     variables = sharding.put_on_mesh(variables, mesh)  # e.g. single-device arrays from `load`
     modes = 2 if model.num_classes else 1

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import likelihood, sampling
-from tarflow_jax.layers import Cache, LayerStack, dense, float32_or_wider, unstack_layers
+from tarflow_jax.layers import ATTENTIONS, REMAT_POLICIES, Cache, LayerStack, dense, float32_or_wider, unstack_layers
 
 Dtype = Any
 GUIDE_WHAT = ("a", "b", "ab")
@@ -57,6 +57,8 @@ class MetaBlock(nn.Module):
     num_classes: int = 0
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing"
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -73,7 +75,8 @@ class MetaBlock(nn.Module):
                 (self.num_classes, self.channels), self.param_dtype)
         self.transformer = LayerStack(
             channels=self.channels, num_layers=self.num_layers, head_dim=self.head_dim,
-            expansion=self.expansion, scan=self.scan_layers, remat=self.remat, **kw)
+            expansion=self.expansion, scan=self.scan_layers, remat=self.remat,
+            remat_policy=self.remat_policy, attention=self.attention, **kw)
         out_dim = 2 * self.token_dim if self.nvp else self.token_dim
         self.proj_out = dense(out_dim, self.channels, ("embed", "patch"), name="proj_out",
                               kernel_init=nn.initializers.zeros, **kw)
@@ -167,7 +170,14 @@ class TarFlow(nn.Module):
       scan_layers: stack a block's layers in one ``nn.scan`` (parameter path
         ``layers/...`` with a leading layer axis; compile time flat in depth); otherwise
         ``layers_<i>/...``.
-      remat: rematerialise each layer in the backward pass (``nothing_saveable``).
+      remat: rematerialise each layer in the backward pass, keeping what ``remat_policy`` says.
+      remat_policy: ``"nothing"`` (each layer keeps only its input) or ``"matmuls"`` (also
+        the outputs of its weight matmuls: less recomputation, more memory).
+      attention: the full-sequence attention implementation: ``"xla"`` (any backend),
+        ``"splash"`` (TPU Pallas kernel; a token count that is a multiple of 128) or
+        ``"cudnn"`` (CUDA GPU; bfloat16/float16 ``dtype``). One the backend cannot run
+        raises a ValueError when traced (``layers.check_attention``). Neither option
+        changes the parameters.
 
     Raises:
       ValueError: at construction, for sizes that do not fit together (named in the message).
@@ -187,6 +197,8 @@ class TarFlow(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing"
+    attention: str = "xla"
 
     def __post_init__(self):
         for field in ("img_size", "in_channels", "patch_size", "channels", "num_blocks", "layers_per_block",
@@ -215,6 +227,9 @@ class TarFlow(nn.Module):
              f"num_blocks={self.num_blocks} and layers_per_block={self.layers_per_block} must be positive"),
             (self.num_classes >= 0, f"num_classes={self.num_classes} must be >= 0 (0: unconditional)"),
             (self.expansion > 0, f"expansion={self.expansion} must be positive (MLP width / channels)"),
+            (self.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}; got {self.attention!r}"),
+            (self.remat_policy in REMAT_POLICIES,
+             f"remat_policy must be one of {REMAT_POLICIES}; got {self.remat_policy!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -240,7 +255,8 @@ class TarFlow(nn.Module):
             num_tokens=self.num_tokens, token_dim=self.token_dim, channels=self.channels,
             num_layers=self.layers_per_block, flip=bool(k % 2), head_dim=self.head_dim,
             expansion=self.expansion, nvp=self.nvp, num_classes=self.num_classes,
-            scan_layers=self.scan_layers, remat=self.remat, dtype=self.dtype,
+            scan_layers=self.scan_layers, remat=self.remat, remat_policy=self.remat_policy,
+            attention=self.attention, dtype=self.dtype,
             param_dtype=self.param_dtype, **kwargs)
 
     def setup(self):

@@ -16,21 +16,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tarflow_jax import sharding, workdir as workdir_lib
+from tarflow_jax import configlib, sharding, workdir as workdir_lib
 from tarflow_jax.flow import TarFlow
 
 
-def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                      denoise: bool = False):
-    """``draw(variables, rng, labels=None)``: images in ``[-1, 1]`` sampled data-parallel on ``mesh``.
+def jit_sample_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    denoise: bool = False):
+    """The jitted sampler :func:`sharded_sample_fn` runs: ``draw(variables, key_data, labels)``.
 
-    The latents are ``jax.random.normal(rng, (batch, H, W, C))`` with batch
-    ``labels.shape[0]``, or ``config.sample.batch_size`` for unconditional models; each
-    device inverts only its slice of the batch (``TarFlow.reverse`` with
-    ``config.sample``'s options, then ``TarFlow.denoise`` when ``denoise``), with the
-    parameters (FSDP- or tensor-sharded ones included) gathered onto every device. Any batch size works
-    (padded to a multiple of the device count). The result is replicated on every device,
-    so every process can read it (``jax.device_get``) in multi-host runs.
+    ``key_data`` is a raw ``uint32[2]`` key and ``labels`` ``int32 (B,)`` or ``None``, both
+    replicated on ``mesh``; returns images ``(B, H, W, C)`` in ``[-1, 1]``, replicated. The
+    matmuls run at ``config.matmul_precision``. It can be ``.trace``d with abstract
+    arguments (the compile-only dry run, ``tarflow_jax.tools.aot``, does).
     """
     s = config.sample
     shape = (model.img_size, model.img_size, model.in_channels)
@@ -50,9 +47,25 @@ def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: j
     def draw(variables, rng, labels):
         batch = s.batch_size if labels is None else labels.shape[0]
         z = jax.random.normal(rng, (batch, *shape))  # drawn whole: the images do not depend on the mesh
-        return reverse_per_device(variables, z, labels)
+        with configlib.matmul_precision(config):
+            return reverse_per_device(variables, z, labels)
 
-    jitted = jax.jit(draw, out_shardings=sharding.replicated(mesh))
+    return jax.jit(draw, out_shardings=sharding.replicated(mesh))
+
+
+def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                      denoise: bool = False):
+    """``draw(variables, rng, labels=None)``: images in ``[-1, 1]`` sampled data-parallel on ``mesh``.
+
+    The latents are ``jax.random.normal(rng, (batch, H, W, C))`` with batch
+    ``labels.shape[0]``, or ``config.sample.batch_size`` for unconditional models; each
+    device inverts only its slice of the batch (``TarFlow.reverse`` with
+    ``config.sample``'s options, then ``TarFlow.denoise`` when ``denoise``), with the
+    parameters (FSDP- or tensor-sharded ones included) gathered onto every device. Any batch size works
+    (padded to a multiple of the device count). The result is replicated on every device,
+    so every process can read it (``jax.device_get``) in multi-host runs.
+    """
+    jitted = jit_sample_step(model, config, mesh, denoise)
 
     def call(variables: Any, rng: jax.Array, labels: Any = None) -> jax.Array:
         # Key and labels (the same on every process) enter replicated over the whole mesh.

@@ -25,6 +25,7 @@ Parameters carry logical axis names (``embed``, ``heads``, ``head_dim``, ``mlp``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -128,14 +129,122 @@ def constrain_activations(h: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
 
 
+# --------------------------------------------------------------------------- attention
+ATTENTIONS = ("xla", "splash", "cudnn")
+REMAT_POLICIES = ("nothing", "matmuls")
+_SPLASH_INTERPRET = [False]
+
+
+@contextlib.contextmanager
+def splash_interpret_mode():
+    """Runs ``attention="splash"`` through the Pallas interpreter, on any backend (tests, debugging).
+
+    The splash kernel is TPU code; interpreted it runs (slowly) on CPU with the same
+    numerics, which is how the tests compare it with the XLA path. Applies to functions
+    traced inside the ``with`` block.
+    """
+    _SPLASH_INTERPRET[0], previous = True, _SPLASH_INTERPRET[0]
+    try:
+        yield
+    finally:
+        _SPLASH_INTERPRET[0] = previous
+
+
+def target_platform() -> str:
+    """The platform the code being traced will run on: the current mesh's, else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(device, "platform", None)
+    return platform or jax.default_backend()
+
+
+def check_attention(attention: str, platform: str, dtype: Dtype, num_tokens: int | None = None) -> None:
+    """Raises a ValueError when ``attention`` cannot run on ``platform`` for this model.
+
+    ``"xla"`` runs anywhere. ``"splash"`` (TPU Pallas kernel) needs a TPU, or
+    :func:`splash_interpret_mode`, and a token count that is a multiple of 128 (its
+    block size). ``"cudnn"`` needs a CUDA GPU and a bfloat16/float16 compute dtype.
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}; got {attention!r}")
+    if attention == "splash":
+        if platform != "tpu" and not _SPLASH_INTERPRET[0]:
+            raise ValueError(f"attention='splash' is a TPU kernel; the backend here is {platform!r}. "
+                             f"Use attention='xla' (or 'cudnn' on a GPU with bfloat16).")
+        if num_tokens is not None and num_tokens % 128:
+            raise ValueError(f"attention='splash' needs a token count that is a multiple of 128; "
+                             f"this model has {num_tokens} tokens. Use attention='xla'.")
+    if attention == "cudnn":
+        if platform not in ("gpu", "cuda"):
+            raise ValueError(f"attention='cudnn' needs a CUDA GPU; the backend here is {platform!r}. "
+                             f"Use attention='xla'" + (" (or 'splash' on a TPU)." if platform != "tpu" else
+                                                       " or 'splash' on this TPU."))
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 model dtype; got "
+                             f"{jnp.dtype(dtype).name}. Set config.model.dtype='bfloat16' or use attention='xla'.")
+
+
+def splash_block_sizes(num_tokens: int):
+    """The splash kernel's block sizes for ``num_tokens`` (a multiple of 128): the largest of 512/256/128 dividing it."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    block = next(b for b in (512, 256, 128) if num_tokens % b == 0)
+    return sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                         block_q_dq=block, block_kv_dq=block)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Causal attention of ``q, k, v (B, T, H, hd)`` with the TPU splash kernel; ``(B, T, H, hd)``.
+
+    The kernel (``jax.experimental.pallas.ops.tpu.splash_attention``) works on one
+    example's ``(H, T, hd)`` and never writes the ``T×T`` logits to HBM; it is mapped over
+    the batch. Under a mesh with automatic (GSPMD) axes it runs inside ``jax.shard_map``
+    over the batch axes (and heads over ``tensor``), since XLA cannot partition a Pallas
+    call itself; inside ``shard_map`` (per-device sampling and evaluation) it is called
+    directly.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    def local(q, k, v):
+        heads, t = q.shape[2], q.shape[1]
+        mask = sa.MultiHeadMask([sa.CausalMask((t, t)) for _ in range(heads)])
+        kernel = sa.make_splash_mha(mask, block_sizes=splash_block_sizes(t), head_shards=1, q_seq_shards=1,
+                                    interpret=_SPLASH_INTERPRET[0])
+        to_heads = lambda a: jnp.swapaxes(a, 1, 2)
+        out = jax.vmap(kernel)(to_heads(q * jnp.asarray(scale, q.dtype)), to_heads(k), to_heads(v))
+        return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.auto_axes:
+        return local(q, k, v)
+    spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length", "heads", "head_dim"))
+    spec = jax.sharding.PartitionSpec(*[None if a is None else a for a in spec])
+    return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, attention: str) -> jax.Array:
+    """Causal self-attention over the whole sequence with the chosen implementation (see :data:`ATTENTIONS`)."""
+    check_attention(attention, target_platform(), q.dtype, q.shape[1])
+    if attention == "splash":
+        return splash_attention(q, k, v, scale)
+    implementation = "cudnn" if attention == "cudnn" else None
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
+
+
 class TransformerLayer(nn.Module):
-    """Pre-norm layer ``h += Attn(LN(h)); h += MLP(LN(h))`` with exact GELU and no dropout."""
+    """Pre-norm layer ``h += Attn(LN(h)); h += MLP(LN(h))`` with exact GELU and no dropout.
+
+    ``attention`` picks the full-sequence attention implementation (:data:`ATTENTIONS`);
+    the cached (sampling) path always uses :func:`cached_attention`.
+    """
 
     channels: int
     head_dim: int = 64
     expansion: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, h: jax.Array, cache: Cache | None, pos: jax.Array, temp: jax.Array
@@ -148,6 +257,7 @@ class TransformerLayer(nn.Module):
         w, hd = self.channels, self.head_dim
         heads = w // hd
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = constrain_activations(h)
 
         x = layer_norm("attn_norm", self.param_dtype, self.dtype)(h).astype(self.dtype)
         qkv = dense((3, heads, hd), w, ("embed", "qkv", "heads", "head_dim"), name="qkv", **kw)(x)
@@ -161,7 +271,8 @@ class TransformerLayer(nn.Module):
         elif cache is None:
             # Per-example temperatures folded into q in float32 (exact for the forward pass's temp = 1).
             q = (q.astype(wide) / temp.astype(wide)[:, None, None, None]).astype(q.dtype)
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+            # Initialisation only needs shapes: the XLA path, which runs anywhere.
+            out = full_attention(q, k, v, scale, "xla" if self.is_initializing() else self.attention)
         else:
             cache = {"k": cache_write(cache["k"], k, pos), "v": cache_write(cache["v"], v, pos)}
             out = cached_attention(q, cache["k"], cache["v"], pos, scale, temp)
@@ -229,6 +340,22 @@ def unstack_layers(params: Any) -> Any:
     return out
 
 
+def remat_policy(name: str) -> Callable[..., bool]:
+    """The ``jax.checkpoint`` policy of a remat policy name (:data:`REMAT_POLICIES`).
+
+    ``"nothing"``: a layer keeps only its input; the backward pass reruns its whole forward
+    pass. ``"matmuls"``: the outputs of the weight matmuls (qkv, attention out, MLP in and
+    out: ``dot_general`` without batch dimensions) are kept too, so only attention, the
+    norms and GELU are recomputed; the ``T×T`` attention products (batched over heads) are
+    never kept.
+    """
+    policies = {"nothing": jax.checkpoint_policies.nothing_saveable,
+                "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if name not in policies:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}; got {name!r}")
+    return policies[name]
+
+
 class LayerStack(nn.Module):
     """``num_layers`` Transformer layers, as a Python loop or one ``nn.scan`` (compile time flat in depth).
 
@@ -247,18 +374,20 @@ class LayerStack(nn.Module):
     expansion: int = 4
     scan: bool = False
     remat: bool = False
+    remat_policy: str = "nothing"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, h: jax.Array, cache: Cache | None, pos: jax.Array, temp: jax.Array
                  ) -> tuple[jax.Array, Cache | None]:
         layer_cls = TransformerLayer
         if self.remat:
-            layer_cls = nn.remat(layer_cls, policy=jax.checkpoint_policies.nothing_saveable,
+            layer_cls = nn.remat(layer_cls, policy=remat_policy(self.remat_policy),
                                  prevent_cse=not self.scan)
         kw = dict(channels=self.channels, head_dim=self.head_dim, expansion=self.expansion,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
         if self.scan and cache is not None:
             raise ValueError("a scanned LayerStack has no cached (per-token) mode; run its parameters "
                              "through scan=False with layers.unstack_layers (TarFlow.reverse does)")

@@ -1,22 +1,18 @@
-"""Deprecated: moved to :mod:`tarflow_jax.tools.memory` (``python -m tarflow_jax.tools.memory``).
+"""Retired: the hand-written per-chip memory estimates (``tarflow_jax.memory`` / ``tools.memory``).
 
-``python -m tarflow_jax.memory`` and attribute access still work for one release, with a
-FutureWarning.
+Their figures disagreed with what the TPU compiler plans (no test held them to it), so
+they were removed in favour of the compiler itself: ``python -m tarflow_jax.aot --config=... --topology=...``
+compiles a config for any TPU slice from a machine without a TPU and prints each
+program's per-chip HBM (see ``docs/scaling.md``). Parameter counts: ``tarflow_jax.flow.count_params``.
 """
 
-import importlib
-import runpy
-import warnings
+import sys
 
-_NEW = "tarflow_jax.tools.memory"
-_MESSAGE = f"tarflow_jax.memory is deprecated; use {_NEW} (python -m {_NEW})"
-
-
-def __getattr__(name: str):
-    warnings.warn(_MESSAGE, FutureWarning, stacklevel=2)
-    return getattr(importlib.import_module(_NEW), name)
-
+_MESSAGE = ("tarflow_jax.memory was retired (its hand estimates disagreed with the TPU compiler); "
+            "use the compile-only dry run: python -m tarflow_jax.aot --config=configs/<name>.py "
+            "--topology=v5p-32 (needs libtpu: pip install 'tarflow_jax[tpu]')")
 
 if __name__ == "__main__":
-    warnings.warn(_MESSAGE, FutureWarning, stacklevel=1)
-    runpy.run_module(_NEW, run_name="__main__", alter_sys=True)
+    print(_MESSAGE, file=sys.stderr)
+    sys.exit(2)
+raise ImportError(_MESSAGE)

@@ -15,6 +15,7 @@ communicates.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -82,6 +83,20 @@ def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape([shape[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+    """The context the train step is traced in: ``mesh`` as JAX's current mesh, and the logical-axis rules.
+
+    ``jax.set_mesh`` (not the legacy ``with mesh:``) is what makes the layers' activation
+    constraints (``nn.with_logical_constraint``) take effect: Flax applies them only when
+    ``jax.sharding.get_abstract_mesh()`` is set. ``train_and_evaluate`` and the
+    compile-only dry run (``tarflow_jax.tools.aot``) both trace their steps inside it, so
+    they compile the same program.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:

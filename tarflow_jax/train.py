@@ -15,17 +15,18 @@ import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from tarflow_jax import checkpointing, evaluate, generate, input_pipeline, sharding, workdir as workdir_lib
+from tarflow_jax import checkpointing, configlib, evaluate, generate, input_pipeline, sharding, workdir as workdir_lib
 from tarflow_jax.flow import TarFlow, patchify
 from tarflow_jax.likelihood import add_noise, bits_per_dim_from_loss, dequantize, flow_loss, to_unit_range
-from tarflow_jax.train_state import (TrainState, create_model, create_optimizer, create_train_state,
-                                     init_state, validate_config)
+from tarflow_jax.train_state import (TrainState, abstract_train_state, create_model, create_optimizer,
+                                     create_train_state, init_state, validate_config)
 
 VAR_RATE = 0.1  # the VP prior variance moves this far toward mean(z²) per step
 SKIP_FRACTION_MIN_STEPS = 100  # config.max_skipped_fraction is checked once this many steps ran
 
-__all__ = ["TrainState", "check_skips", "create_model", "create_optimizer", "create_train_state", "init_state",
-           "prepare_images", "train_and_evaluate", "train_step", "validate_config"]
+__all__ = ["TrainState", "abstract_batch", "abstract_train_state", "check_skips", "create_model",
+           "create_optimizer", "create_train_state", "init_state", "jit_train_step", "prepare_images",
+           "train_and_evaluate", "train_step", "validate_config"]
 
 
 # ---------------------------------------------------------------------------- steps
@@ -39,7 +40,8 @@ def prepare_images(rng: jax.Array, pixels: jax.Array, config: ml_collections.Con
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+               config: ml_collections.ConfigDict, param_shardings: Any = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One AdamW step on a batch: pure ``(state, batch) -> (state, metrics)``, jit-able with shardings.
 
     The loss is the reference's ``Model.get_loss`` on noised or dequantized images
@@ -47,12 +49,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
     ``config.label_drop``. The EMA warms up as ``min(ema_decay, (1+t)/(10+t))``; a
     volume-preserving model's prior variance moves ``VAR_RATE`` toward ``mean(z²)`` (the
     reference's ``update_prior``). A non-finite loss or gradient leaves parameters,
-    optimizer state, EMA and prior unchanged (the step counter still advances).
+    optimizer state, EMA and prior unchanged (the step counter still advances). The forward
+    and backward passes run at ``config.matmul_precision``.
 
     Args:
       state: the train state.
       batch: ``{"image": uint8 (B, H, W, C) levels 0..Q−1, "label": int (B,)}``.
       model, tx, schedule, config: the flow, optimizer, learning-rate schedule and config.
+      param_shardings: the parameters' shardings (:func:`jit_train_step` passes them); the
+        gradients are constrained to them, so that under FSDP each weight gradient leaves
+        the backward pass reduce-scattered into its shard instead of all-reduced whole.
 
     Returns:
       ``(new_state, metrics)``; metrics (float32 scalars unless noted):
@@ -78,7 +84,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
         loss, prior, logdet_term = flow_loss(z, logdet)
         return loss, (prior, logdet_term, z)
 
-    (loss, (prior, logdet_term, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    with configlib.matmul_precision(config):
+        (loss, (prior, logdet_term, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if param_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     grad_norm = optax.tree.norm(grads)
     learning_rate = schedule(state.step)  # the global step: skipped steps advance the schedule too
     opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=learning_rate)
@@ -109,6 +118,40 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
     if config.noise == "uniform":
         metrics["train_bpd"] = bits_per_dim_from_loss(loss, config.dataset.num_levels)
     return new_state, metrics
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model: TarFlow,
+                   tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   mesh: jax.sharding.Mesh, state_shardings: Any):
+    """The jitted :func:`train_step` a run executes: state donated, batch split over the data axes.
+
+    Call it, or ``.trace(state, batch)`` it with abstract arguments (the compile-only dry
+    run, ``tarflow_jax.tools.aot``, does), inside ``sharding.mesh_context(mesh)``.
+    """
+    return jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+                          param_shardings=state_shardings.params),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,))
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int,
+                   eval_batch: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of a global input batch (see ``input_pipeline``), unallocated.
+
+    Returns:
+      ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}`` (plus ``"mask": bool (B,)``
+      for ``eval_batch``), split over the data-parallel axes of ``mesh``.
+    """
+    d = config.dataset
+    where = sharding.batch_sharding(mesh)
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, d.image_size, d.image_size, d.channels),
+                                           jnp.uint8, sharding=where),
+             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=where)}
+    if eval_batch:
+        batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_, sharding=where)
+    return batch
 
 
 # ----------------------------------------------------------------------------- loop
@@ -223,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         stays intact.
       checkpointing.DamagedCheckpointError: the workdir has checkpoints but none is intact.
     """
-    validate_config(config, jax.device_count())
+    validate_config(config, jax.device_count(), jax.devices()[0].platform)
     mesh = sharding.create_mesh(config.mesh)
     model = create_model(config)
     tx, schedule = create_optimizer(config)
@@ -234,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with sharding.mesh_context(mesh):
         state, state_shardings = create_train_state(config, model, tx, mesh)
         manager = checkpointing.create_manager(workdir, config)
         resumed = checkpointing.restore_newest_intact(manager, state)
@@ -252,11 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                   jax_logging_process=0)
         initial_step = int(state.step)
 
-        p_train_step = jax.jit(
-            functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=(0,))
+        p_train_step = jit_train_step(config, model, tx, schedule, mesh, state_shardings)
         p_sample = {denoise: generate.sharded_sample_fn(model, config, mesh, denoise=denoise)
                     for denoise in (False, True)}  # each device samples its slice (shard_map)
         hooks = []

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tarflow_jax import sharding
+from tarflow_jax import configlib, layers, sharding
 from tarflow_jax.configlib import create_model
 from tarflow_jax.flow import TarFlow
 
 NOISE_KINDS = ("uniform", "gaussian")
 
-__all__ = ["NOISE_KINDS", "TrainState", "create_model", "create_optimizer", "create_train_state",
-           "init_state", "validate_config"]
+__all__ = ["NOISE_KINDS", "TrainState", "abstract_train_state", "create_model", "create_optimizer",
+           "create_train_state", "init_state", "validate_config"]
 
 
 @flax.struct.dataclass
@@ -47,13 +47,16 @@ class TrainState:
         return {"params": params, "prior": {"var": self.prior_var}}
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                    platform: str | None = None) -> None:
     """Checks a training config before anything is compiled.
 
     Args:
       config: the run's config (``configlib.base_config`` fields).
       num_devices: the devices the mesh will span; when given, the batch and head counts
         are checked against ``config.mesh`` too.
+      platform: the devices' platform (``"tpu"``, ``"gpu"``, ``"cpu"``); when given,
+        ``config.model.attention`` is checked against it (``layers.check_attention``).
 
     Raises:
       ValueError: naming the first inconsistent field and what it must be.
@@ -65,6 +68,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     if m.width % m.get("head_dim", 64):
         raise ValueError(f"config.model.width={m.width} is not divisible by the head dim "
                          f"{m.get('head_dim', 64)}")
+    if config.get("matmul_precision", "default") not in configlib.MATMUL_PRECISIONS:
+        raise ValueError(f"config.matmul_precision must be one of {configlib.MATMUL_PRECISIONS}; got "
+                         f"{config.matmul_precision!r}")
+    if platform is not None:
+        layers.check_attention(m.get("attention", "xla"), platform, jnp.dtype(m.get("dtype", "float32")),
+                               (d.image_size // m.patch_size) ** 2)
     if config.noise not in NOISE_KINDS:
         raise ValueError(f"config.noise must be one of {NOISE_KINDS}; got {config.noise!r}")
     if config.noise == "gaussian" and not config.noise_std > 0:
@@ -131,13 +140,35 @@ def init_state(rng: jax.Array, *, model: TarFlow, tx: optax.GradientTransformati
         consecutive_skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
 
+def abstract_train_state(config: ml_collections.ConfigDict, model: TarFlow,
+                         tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                         ) -> tuple[TrainState, Any]:
+    """The train state as ``jax.ShapeDtypeStruct`` leaves placed on ``mesh``, and its shardings.
+
+    Nothing is allocated (``jax.eval_shape``); the leaves carry the shardings a real run
+    gives the state, so ``jit(...).trace(abstract, ...)`` compiles exactly the real step
+    (the compile-only dry run, ``tarflow_jax.tools.aot``, relies on this).
+
+    Returns:
+      ``(abstract_state, shardings)``: a :class:`TrainState` of ``ShapeDtypeStruct``s and
+      the matching tree of ``NamedSharding``s (:func:`sharding.logical_shardings`).
+    """
+    init_fn = functools.partial(init_state, model=model, tx=tx, config=config)
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+    shardings = sharding.logical_shardings(boxed, mesh)
+    values = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    abstract = jax.tree.map(
+        lambda a, s: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        values, shardings, is_leaf=lambda a: a is None)
+    return abstract, shardings
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: TarFlow,
                        tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
                        ) -> tuple[TrainState, Any]:
     """The train state created sharded on ``mesh`` (never whole on one device), and its shardings."""
     init_fn = functools.partial(init_state, model=model, tx=tx, config=config)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(init_fn, rng)
-    shardings = sharding.logical_shardings(abstract, mesh)
-    state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    _, shardings = abstract_train_state(config, model, tx, mesh)
+    state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(jax.random.PRNGKey(config.seed))
     return state, shardings

@@ -9,6 +9,11 @@ import sys
 # nothing on CPU needs it. A None entry makes `import triton` raise ImportError, which torch
 # treats as "no triton".
 sys.modules.setdefault("triton", None)
+# With libtpu installed (the `test` extra brings it for the TPU dry-run tests), JAX would try
+# the TPU plugin first and libtpu prints warnings and takes /tmp/libtpu_lockfile. The tests
+# run on the CPU; the dry run builds its compile-only TPU devices explicitly. Subprocesses
+# started by tests inherit this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import warnings
 

@@ -21,8 +21,8 @@ LAYERS = [
     {"train"},
     {"main"},
 ]
-# Entry-point forwards to tools/ (with a warning); `aot` is the TPU dry run forward of issue 15.
-DEPRECATED_SHIMS = {"benchmark", "memory", "fid_cli", "aot"}
+DEPRECATED_SHIMS = {"benchmark", "memory", "fid_cli"}  # forward to tools/ with a warning (memory: retired)
+ENTRY_POINTS = {"aot"}  # `python -m tarflow_jax.aot`: the documented command of tools/aot.py
 
 
 def our_imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
@@ -54,7 +54,7 @@ def layer_of(module: str) -> int:
 
 @pytest.mark.parametrize("path", sorted(p for p in PACKAGE.glob("*.py")), ids=lambda p: p.stem)
 def test_library_imports_only_lower_layers(path):
-    if path.stem in DEPRECATED_SHIMS:
+    if path.stem in DEPRECATED_SHIMS | ENTRY_POINTS:
         return
     top, inner = our_imports(path)
     assert not inner, f"{path.name} imports {sorted(inner)} inside a function"
@@ -78,7 +78,6 @@ ROOT = PACKAGE.parent
 
 
 @pytest.mark.parametrize("old,new,args,expect", [
-    ("memory", "tools.memory", ["--configs=digits"], "| digits |"),
     ("convert", "tools.convert", ["--help"], "--torch_checkpoint"),
 ])
 def test_old_entry_points_forward_with_a_warning(old, new, args, expect):
@@ -95,3 +94,11 @@ def test_old_module_attributes_forward_with_a_warning():
 
     with pytest.warns(FutureWarning, match="tarflow_jax.tools.benchmark"):
         assert old.flop_counts is benchmark.flop_counts
+
+
+def test_retired_memory_tool_points_to_the_dry_run():
+    result = subprocess.run([sys.executable, "-m", "tarflow_jax.memory"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "python -m tarflow_jax.aot" in result.stderr
+    with pytest.raises(ImportError, match="tarflow_jax.aot"):
+        import tarflow_jax.memory  # noqa: F401
