@@ -40,10 +40,11 @@ bound on what the executable holds. The JSON also keeps each part and XLA's
 (no parameters allocated), e.g. the ImageNet-64 model on a laptop:
 ``python -m tarflow_jax.tools.benchmark --size=imagenet64 --batch=1 --what=train --compile_only --noscan``.
 
-``--torch_compare`` times a PyTorch model with the same shapes as the flow's forward
-pass (patchify, per block ``proj_in`` + positions, pre-norm layers with exact GELU and
-causal SDPA, ``proj_out``, the affine map), interleaved with the JAX forward pass, and
-reports the ratio of the medians. Torch is imported only then.
+``--reference=PATH`` instead times the authors' PyTorch ``Model`` (``PATH`` holds their
+``transformer_flow.py``, from the public apple/ml-tarflow repository) side by side with
+ours on the same weights and inputs: train step, forward pass and ``reverse``,
+alternating, medians, ratio = their time ÷ ours (see
+:mod:`tarflow_jax.tools.benchmark_reference`). Torch is imported only then.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from absl import flags
 from tarflow_jax import configlib, sampling, train, train_state
 from tarflow_jax.flow import TarFlow, count_params
 from tarflow_jax.tools import cli
-from tarflow_jax.tools.torch_forward import torch_compare
+from tarflow_jax.tools.benchmark_reference import REFERENCE_WHAT
 
 # Model sizes. ``small`` is the CPU reference; the paper sizes follow configs/*.py.
 SIZES: dict[str, dict[str, Any]] = {
@@ -340,6 +341,7 @@ USAGE = """\
 Benchmarks a TarFlow size: train step, likelihood pass, cached and Jacobi sampling.
 
   python -m tarflow_jax.tools.benchmark --size=small [--what=train,forward,sample,jacobi] [--out=F.json]
+  python -m tarflow_jax.tools.benchmark --size=small --reference=PATH   # side by side with the authors' code
 """
 
 
@@ -370,9 +372,17 @@ def define_flags() -> flags.FlagValues:
     flags.DEFINE_enum("jacobi_init", "z", list(sampling.JACOBI_INITS), "Jacobi initial guess.", flag_values=fv)
     flags.DEFINE_float("guidance", 0.0, "Sampling guidance weight (doubles the batch).", flag_values=fv)
     flags.DEFINE_float("head_std", 0.02, "Std of the randomised output heads.", flag_values=fv)
-    flags.DEFINE_bool("torch_compare", False, "Time a PyTorch model of the same shapes (forward pass).",
-                      flag_values=fv)
-    flags.DEFINE_integer("torch_threads", None, "torch.set_num_threads for --torch_compare.", flag_values=fv)
+    flags.DEFINE_string("reference", None, "Folder of the authors' transformer_flow.py (apple/ml-tarflow): time "
+                        "their Model side by side with ours (train, forward, sample; imports torch).",
+                        flag_values=fv)
+    flags.DEFINE_integer("reference_train_batch", 32, "--reference: examples per train step and forward pass.",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("reference_sample_batch", 16, "--reference: images per reverse call.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_float("noise_std", 0.05, "--reference: Gaussian noise std on the training images.",
+                       flag_values=fv)
+    flags.DEFINE_integer("torch_threads", None, "torch.set_num_threads for --reference (default: torch's own).",
+                         flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of parameters and inputs.", flag_values=fv)
     flags.DEFINE_string("out", None, "Write the results as JSON here.", flag_values=fv)
     return fv
@@ -382,6 +392,13 @@ def settings(fv: flags.FlagValues) -> types.SimpleNamespace:
     """The parsed flags as plain values (Jacobi segments as ints, the size's default batch filled in)."""
     args = types.SimpleNamespace(**fv.flag_values_dict())
     args.jacobi_segments = [int(v) for v in args.jacobi_segments]
+    if args.reference:
+        if list(args.what) == list(WHAT):  # the default: every piece the comparison has
+            args.what = list(REFERENCE_WHAT)
+        bad = [w for w in args.what if w not in REFERENCE_WHAT]
+        if bad:
+            raise flags.Error(f"--what={','.join(args.what)}: with --reference choose from "
+                              f"{','.join(REFERENCE_WHAT)} (not {','.join(bad)})")
     if args.batch is None:
         args.batch = DEFAULT_BATCH[args.size]
     return args
@@ -435,6 +452,19 @@ def run(args: types.SimpleNamespace) -> dict[str, Any]:
         "analytic_flops": flops, "results": {},
     }
     res = result["results"]
+    if args.reference:
+        from tarflow_jax.tools import benchmark_reference  # imports torch
+
+        result["reference"] = benchmark_reference.compare(
+            model, args.what, steps=args.steps, warmup=args.warmup, seed=args.seed, head_std=args.head_std,
+            path=args.reference, train_batch=args.reference_train_batch,
+            sample_batch=args.reference_sample_batch, noise_std=args.noise_std,
+            torch_threads=args.torch_threads)
+        print(benchmark_reference.format_reference(result["reference"]))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
     if "train" in args.what:
         res["train"] = bench_train(model, args.batch, args.steps, args.warmup, args.compile_only, args.seed)
         _summarise(res["train"], args.batch, flops["train"], peak)
@@ -443,13 +473,9 @@ def run(args: types.SimpleNamespace) -> dict[str, Any]:
     else:
         variables = random_variables(model, args.seed, args.head_std)
         result["params"] = count_params(variables["params"])
-        if "forward" in args.what or args.torch_compare:
-            res["forward"], fwd_call = bench_forward(model, variables, args.batch, args.steps, args.warmup,
-                                                     args.seed)
+        if "forward" in args.what:
+            res["forward"], _ = bench_forward(model, variables, args.batch, args.steps, args.warmup, args.seed)
             _summarise(res["forward"], args.batch, flops["forward"], peak)
-            if args.torch_compare:
-                result["torch_compare"] = torch_compare(model, fwd_call, args.batch, args.steps, args.warmup,
-                                                        args.seed, args.torch_threads)
         rows = 2 * args.batch if args.guidance > 0 else args.batch
         z, reference = None, None
         if "sample" in args.what or "jacobi" in args.what:
@@ -512,11 +538,6 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_fmt(e.get('images_per_s'), '.2f')} | {_fmt(e.get('median_s'), '.4f')} | "
                      f"{e['compile_total_s']:.2f} | {_mib(e)} | {_fmt(e.get('model_tflops_per_s'), '.4f')} | "
                      f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {'; '.join(notes)} |")
-    tc = result.get("torch_compare")
-    if tc:
-        lines += ["", f"forward vs PyTorch {tc['torch_version']} ({tc['torch_threads']} threads), interleaved "
-                      f"medians: JAX {tc['jax_images_per_s']:.2f} img/s, torch {tc['torch_images_per_s']:.2f} "
-                      f"img/s, JAX time / torch time = {tc['jax_time_over_torch_time']:.2f}"]
     return "\n".join(lines)
 
 
@@ -527,7 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = cli.parse_flags(fv, argv, "python -m tarflow_jax.tools.benchmark", USAGE)
     if isinstance(rest, int):
         return rest
-    run(settings(fv))
+    try:
+        args = settings(fv)
+    except flags.Error as e:
+        return cli.usage_error("python -m tarflow_jax.tools.benchmark", str(e), USAGE)
+    run(args)
     return 0
 
 
