@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import likelihood, sampling
-from tarflow_jax.layers import ATTENTIONS, REMAT_POLICIES, Cache, LayerStack, dense, float32_or_wider, unstack_layers
+from tarflow_jax.layers import (ATTENTIONS, REMAT_POLICIES, Cache, LayerStack, decode_layer, dense,
+                                float32_or_wider, init_segment_cache, unstack_layers)
+from tarflow_jax.layers import cache_segments as _cache_segments
 
 Dtype = Any
 GUIDE_WHAT = ("a", "b", "ab")
@@ -135,6 +137,69 @@ class MetaBlock(nn.Module):
         a, b = shift(a), shift(b)
         z = (xp.astype(a.dtype) - b) * jnp.exp(-a)
         return self.permute(z), -jnp.sum(a, axis=(1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDecoder:
+    """One flow block prepared for the cached sequential inverse, one token per step.
+
+    ``block`` is an unbound :class:`MetaBlock` with unscanned layers and ``params`` its
+    parameters in that layout (unboxed). Everything that does not change from token to
+    token (the block's position table in its token order, the class rows) is computed once
+    by :meth:`prepare`, outside the token loop; :meth:`step` runs one token through the
+    block against a segmented key/value cache (see :func:`tarflow_jax.layers.decode_layer`).
+    """
+
+    block: MetaBlock
+    params: Any
+    segments: tuple[tuple[int, int], ...]
+
+    def init_cache(self, rows: int) -> Cache:
+        """A zero segmented cache for ``rows`` rows (batch, or both guidance branches)."""
+        b = self.block
+        return init_segment_cache(b.num_layers, rows, self.segments, b.channels // b.head_dim, b.head_dim,
+                                  b.dtype)
+
+    def prepare(self, y: jax.Array | None, rows: int) -> tuple[jax.Array, jax.Array | None]:
+        """``(pos_table (T, W), class rows (R, 1, W) or None)`` in the block's token order."""
+        b = self.block
+        table = self.params["pos_embed"][::-1] if b.flip else self.params["pos_embed"]
+        cls = None
+        if b.num_classes:
+            cls = b.apply({"params": self.params}, y, rows, method=MetaBlock.class_vector)[:, None]
+        return table, cls
+
+    def step(self, xt: jax.Array, table: jax.Array, cls: jax.Array | None, temp: jax.Array | None,
+             cache: Cache, pos: jax.Array, segment: int, offset: jax.Array
+             ) -> tuple[jax.Array, jax.Array, Cache]:
+        """Float32 ``(a, b)`` ``(R, 1, D)`` predicted from token ``xt (R, 1, D)`` at ``pos``, and the cache.
+
+        ``segment`` (static) and ``offset`` locate ``pos`` in the cache segments.
+        """
+        b, p = self.block, self.params
+        kw = dict(dtype=b.dtype, param_dtype=b.param_dtype)
+        unbound = dict(kw, parent=None)
+        proj_in = dense(b.channels, b.token_dim, ("patch", "embed"), name="proj_in", **unbound)
+        wide = float32_or_wider(b.dtype)  # the residual stream's type, as in MetaBlock.predict
+        h = proj_in.apply({"params": p["proj_in"]}, xt.astype(b.dtype)).astype(wide)
+        h = h + jax.lax.dynamic_slice_in_dim(table, pos, 1, axis=0).astype(wide)
+        if cls is not None:
+            h = h + cls.astype(wide)
+        new = {"k": [], "v": []}
+        for i in range(b.num_layers):
+            h, layer_cache = decode_layer(
+                p["transformer"][f"layers_{i}"], h, {n: cache[n][i] for n in new}, segment, offset, pos, temp,
+                channels=b.channels, head_dim=b.head_dim, **kw)
+            for n in new:
+                new[n].append(layer_cache[n])
+        out_dim = 2 * b.token_dim if b.nvp else b.token_dim
+        proj_out = dense(out_dim, b.channels, ("embed", "patch"), name="proj_out", **unbound)
+        out = proj_out.apply({"params": p["proj_out"]}, h).astype(wide)
+        if b.nvp:
+            a, bb = jnp.split(out, 2, axis=-1)
+        else:
+            a, bb = jnp.zeros_like(out), out
+        return a, bb, {n: tuple(new[n]) for n in new}
 
 
 class TarFlow(nn.Module):
@@ -346,7 +411,8 @@ class TarFlow(nn.Module):
     def reverse(self, z: jax.Array, y: jax.Array | None = None, guidance: float = 0.0,
                 guide_what: str = "ab", attn_temp: float = 1.0, annealed_guidance: bool = False,
                 solver: str = "cached", jacobi: sampling.JacobiPlan | None = None,
-                return_iterations: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                return_iterations: bool = False, cache_segments: int | None = None
+                ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Inverts the flow: latents to images (sampling when ``z`` is standard normal noise).
 
         Each block's inverse solves ``x[t+1] = z[t+1]·exp(a_t(x[:t+1])) + b_t(x[:t+1])`` token
@@ -376,6 +442,10 @@ class TarFlow(nn.Module):
             ``"uncached"`` (recomputes the whole prefix every step: a slow test oracle).
           jacobi: the Jacobi plan (default ``JacobiPlan()``: one segment, tol 1e-5).
           return_iterations: also return the Jacobi iterations run (``solver="jacobi"``).
+          cache_segments: (cached solver) split the key/value cache into this many token
+            segments, so that a token step reads only the segments its prefix can occupy
+            (each segment is one more compiled token loop per block). ``None``: automatic
+            (:func:`tarflow_jax.layers.cache_segments`); ``1``: one buffer.
 
         Returns:
           Images float32 ``(B, H, W, C)`` (in ``[-1, 1]`` for a trained model; not clipped).
@@ -388,7 +458,7 @@ class TarFlow(nn.Module):
             to an unconditional model, is not ``(B,)`` integers, or holds a label
             ``>= num_classes``; ``guide_what``, ``solver`` or ``jacobi`` is invalid, or
             ``return_iterations`` is set without the Jacobi solver; a concrete ``attn_temp <= 0``
-            (or NaN) or non-finite ``guidance``.
+            (or NaN) or non-finite ``guidance``; ``cache_segments`` is not a positive int.
         """
         self.check_images(z, "z")
         self.check_labels(y, z.shape[0])
@@ -406,6 +476,8 @@ class TarFlow(nn.Module):
             raise ValueError(f"attn_temp must be > 0; got {attn_temp}")
         if _is_concrete(guidance) and not np.isfinite(float(guidance)):
             raise ValueError(f"guidance must be a finite number; got {guidance}")
+        if cache_segments is not None and not (isinstance(cache_segments, int) and cache_segments >= 1):
+            raise ValueError(f"cache_segments must be a positive int or None; got {cache_segments!r}")
         plan = jacobi or sampling.JacobiPlan()
         plan.check(self.num_blocks, self.num_tokens)
         guide = sampling.Guidance(guidance, guide_what, attn_temp, annealed_guidance)
@@ -424,7 +496,10 @@ class TarFlow(nn.Module):
             predict = functools.partial(blk.apply, {"params": block_params}, method=MetaBlock.predict)
             xp = blk.permute(x)
             if solver == "cached":
-                xp = sampling.reverse_cached(predict, xp, y, guide, cache_shape, self.dtype)
+                segments = _cache_segments(self.num_tokens, cache_segments,
+                                           self.num_blocks * self.layers_per_block)
+                decoder = BlockDecoder(blk, nn.meta.unbox(block_params), segments)
+                xp = sampling.reverse_cached(decoder, xp, y, guide)
             elif solver == "uncached":
                 xp = sampling.reverse_uncached(predict, xp, y, guide)
             else:

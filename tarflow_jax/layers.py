@@ -26,6 +26,7 @@ Parameters carry logical axis names (``embed``, ``heads``, ``head_dim``, ``mlp``
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable
 
@@ -88,8 +89,11 @@ class DenseGeneral(nn.Module):
 
 
 def dense(features, fan_in: int, names: tuple, *, axis=-1, dtype: Dtype, param_dtype: Dtype,
-          name: str, kernel_init=None) -> DenseGeneral:
-    """A :class:`DenseGeneral` with PyTorch's init and logical axis names (kernel names; bias names are the output's)."""
+          name: str, kernel_init=None, **module_kwargs: Any) -> DenseGeneral:
+    """A :class:`DenseGeneral` with PyTorch's init and logical axis names (kernel names; bias names are the output's).
+
+    ``module_kwargs`` go to the module (e.g. ``parent=None`` for an unbound copy).
+    """
     out_ndim = 1 if isinstance(features, int) else len(features)
     return DenseGeneral(
         features=features,
@@ -99,6 +103,7 @@ def dense(features, fan_in: int, names: tuple, *, axis=-1, dtype: Dtype, param_d
         kernel_init=nn.with_logical_partitioning(kernel_init or torch_linear_init(fan_in), names),
         bias_init=nn.with_logical_partitioning(torch_linear_init(fan_in), names[-out_ndim:]),
         name=name,
+        **module_kwargs,
     )
 
 
@@ -111,7 +116,7 @@ def float32_or_wider(dtype: Dtype) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32, **module_kwargs: Any) -> nn.LayerNorm:
     """LayerNorm in ``float32_or_wider(dtype)`` with the reference's epsilon and two-pass variance."""
     return nn.LayerNorm(
         epsilon=1e-5,
@@ -121,6 +126,7 @@ def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32) -> nn.
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
+        **module_kwargs,
     )
 
 
@@ -224,10 +230,20 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> 
 
 
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, attention: str) -> jax.Array:
-    """Causal self-attention over the whole sequence with the chosen implementation (see :data:`ATTENTIONS`)."""
-    check_attention(attention, target_platform(), q.dtype, q.shape[1])
+    """Causal self-attention over the whole sequence with the chosen implementation (see :data:`ATTENTIONS`).
+
+    ``"xla"`` is :func:`causal_attention` on CPU and ``jax.nn.dot_product_attention``'s XLA
+    path elsewhere (the same function; the CPU version was tuned there and not measured on
+    accelerators).
+    """
+    platform = target_platform()
+    check_attention(attention, platform, q.dtype, q.shape[1])
     if attention == "splash":
         return splash_attention(q, k, v, scale)
+    if attention == "xla" and platform == "cpu":
+        # The same function in query pieces that skip most of the masked triangle, with a
+        # backward pass XLA:CPU runs on its fast matmul path (docs/performance.md).
+        return causal_attention(q, k, v, scale)
     implementation = "cudnn" if attention == "cudnn" else None
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
 
@@ -281,9 +297,86 @@ class TransformerLayer(nn.Module):
 
         x = layer_norm("mlp_norm", self.param_dtype, self.dtype)(h).astype(self.dtype)
         x = dense(self.expansion * w, w, ("embed", "mlp"), name="mlp_in", **kw)(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         h = h + dense(w, self.expansion * w, ("mlp", "embed"), name="mlp_out", **kw)(x)
         return constrain_activations(h), cache
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU ``x·Φ(x) = 0.5·x·(1 + erf(x/√2))``, the reference's (PyTorch's) formula.
+
+    Same function as ``nn.gelu(x, approximate=False)``, which evaluates ``erfc``: on XLA:CPU
+    ``erf`` is one vectorised polynomial, ``erfc`` a branchy one that costs more per element.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
+# Query rows per piece of the causal attention below: each piece attends only to the keys
+# up to its last row, so the masked upper triangle is mostly skipped
+# ((n+1)/(2n) of the square is computed for n pieces).
+ATTENTION_CHUNK = 128
+
+
+def _chunk_bounds(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk, num_tokens)) for a in range(0, num_tokens, chunk)]
+
+
+def _causal_probs(q: jax.Array, k: jax.Array, a: int, b: int, scale: float) -> jax.Array:
+    """Float32 softmax rows ``a..b-1`` over keys ``0..b-1`` of heads-first ``q, k (B,H,T,hd)``."""
+    logits = jnp.einsum("bhtd,bhsd->bhts", q[:, :, a:b], k[:, :, :b], preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(scale)
+    visible = jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None]
+    logits = jnp.where(visible, logits, 0.7 * jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _causal_attention_hf(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int) -> jax.Array:
+    outs = [jnp.einsum("bhts,bhsd->bhtd", _causal_probs(q, k, a, b, scale).astype(v.dtype), v[:, :, :b])
+            for a, b in _chunk_bounds(q.shape[2], chunk)]
+    return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+
+
+@_causal_attention_hf.defjvp
+def _causal_attention_jvp(scale, chunk, primals, tangents):
+    """Tangents written so that their transposes (the backward pass) are ``(M,K)·(K,N)`` products.
+
+    XLA:CPU sends those to YNNPACK; the products autodiff derives on its own for ``dK`` and
+    ``dV`` (``dSᵀ·Q``, ``Pᵀ·dO``) contract the row axis of a ``T×T`` matrix and ran on a
+    slower Eigen kernel. Here the ``k`` and ``v`` tangents enter through ``(B,H,hd,T)``
+    transposes, so the backward computes ``dKᵀ = Qᵀ·dS`` and ``dVᵀ = dOᵀ·P``.
+    """
+    q, k, v = primals
+    dq, dk, dv = tangents
+    f32 = jnp.float32
+    q_t, dk_t, dv_t = (jnp.swapaxes(x, 2, 3) for x in (q, dk, dv))  # (B,H,hd,T)
+    outs, d_outs = [], []
+    for a, b in _chunk_bounds(q.shape[2], chunk):
+        p = _causal_probs(q, k, a, b, scale)
+        pv = p.astype(v.dtype)
+        outs.append(jnp.einsum("bhts,bhsd->bhtd", pv, v[:, :, :b]))
+        d_logits = (jnp.einsum("bhtd,bhsd->bhts", dq[:, :, a:b], k[:, :, :b], preferred_element_type=f32)
+                    + jnp.einsum("bhdt,bhds->bhts", q_t[:, :, :, a:b], dk_t[:, :, :, :b],
+                                 preferred_element_type=f32)) * f32(scale)
+        dp = p * (d_logits - jnp.sum(p * d_logits, axis=-1, keepdims=True))
+        d_out = jnp.einsum("bhts,bhsd->bhtd", dp.astype(v.dtype), v[:, :, :b])
+        d_outs.append(d_out + jnp.swapaxes(jnp.einsum("bhds,bhts->bhdt", dv_t[:, :, :, :b], pv), 2, 3))
+    cat = lambda xs: jnp.concatenate(xs, axis=2) if len(xs) > 1 else xs[0]
+    return cat(outs), cat(d_outs)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                     chunk: int = ATTENTION_CHUNK) -> jax.Array:
+    """Causal softmax attention of ``q, k, v (B,T,H,hd)``; returns ``(B,T,H,hd)`` in ``v``'s dtype.
+
+    The same function as ``jax.nn.dot_product_attention(q, k, v, scale=scale,
+    is_causal=True)`` on its XLA path (float32 logits and softmax, masked logits set to
+    ``0.7·finfo(float32).min``), computed in pieces of ``chunk`` query rows that each see
+    only the keys up to their last row. Differentiable in both modes through a custom JVP
+    whose transpose (the backward pass) keeps every product in a form XLA:CPU runs fast.
+    """
+    hf = lambda x: jnp.swapaxes(x, 1, 2)
+    return hf(_causal_attention_hf(hf(q), hf(k), hf(v), float(scale), int(chunk)))
 
 
 def cache_write(buffer: jax.Array, chunk: jax.Array, pos: jax.Array | int) -> jax.Array:
@@ -315,6 +408,111 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array | 
     logits = jnp.where(visible, logits, 0.7 * jnp.finfo(logits_dtype).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
     return jnp.einsum("bhst,bhtd->bshd", probs, v)
+
+
+# ------------------------------------------------------------- one-token decoding
+# The cached sequential inverse (``sampling.reverse_cached``) feeds one token at a time. Its
+# key/value cache is split along the tokens into segments, one buffer each, and the token
+# loop runs once per segment: while writing segment ``j`` a token attends to segments
+# ``0..j`` only. Reading the cache is what a token step spends most of its time on (at
+# batch 16 on `small` the cache is 4 MiB per layer and tensor), and this way a step reads
+# on average a bit over half of it instead of all of it. (Slicing a prefix out of one
+# buffer instead would make XLA copy the buffer, and a dynamic-length read is not
+# expressible.)
+MAX_CACHE_SEGMENTS = 4
+MIN_SEGMENT_TOKENS = 32
+SEGMENTED_LAYER_BUDGET = 32  # blocks × layers × segments compiled by default (compile time)
+
+
+def cache_segments(num_tokens: int, num_segments: int | None = None, num_layers_total: int = 1
+                   ) -> tuple[tuple[int, int], ...]:
+    """``(start, end)`` token ranges of the cache segments covering positions ``0..T-2``.
+
+    Only the first ``T-1`` positions are ever written (the last token has no successor to
+    predict). ``num_segments=None`` picks it: segments of at least
+    :data:`MIN_SEGMENT_TOKENS` tokens, at most :data:`MAX_CACHE_SEGMENTS`, and at most
+    ``SEGMENTED_LAYER_BUDGET / num_layers_total`` so that the sampler's compile time (one
+    token loop per block and segment, ``num_layers_total`` = blocks × layers per block)
+    stays bounded: `small` (4×2 layers, 256 tokens) gets 4 segments, ImageNet-64 (8×8
+    layers) one.
+    """
+    used = max(num_tokens - 1, 1)
+    if num_segments is None:
+        num_segments = min(MAX_CACHE_SEGMENTS, used // MIN_SEGMENT_TOKENS,
+                           SEGMENTED_LAYER_BUDGET // max(num_layers_total, 1))
+    num_segments = max(1, min(int(num_segments), used))
+    bounds = [round(i * used / num_segments) for i in range(num_segments + 1)]
+    return tuple(zip(bounds[:-1], bounds[1:]))
+
+
+def init_segment_cache(num_layers: int, batch: int, segments: tuple[tuple[int, int], ...], heads: int,
+                       head_dim: int, dtype: Dtype) -> Cache:
+    """A zero segmented cache: per key, per layer, a tuple of ``(B, H, end-start, hd)`` buffers."""
+    def layer():
+        return tuple(jnp.zeros((batch, heads, b - a, head_dim), dtype) for a, b in segments)
+    return {n: tuple(layer() for _ in range(num_layers)) for n in ("k", "v")}
+
+
+def decode_layer(params: Any, h: jax.Array, cache: Cache, segment: int, offset: jax.Array,
+                 pos: jax.Array, temp: jax.Array | None, *, channels: int, head_dim: int,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> tuple[jax.Array, Cache]:
+    """:class:`TransformerLayer` for one new token against a segmented key/value cache.
+
+    Args:
+      params: the layer's parameters (``attn_norm``, ``qkv``, ``attn_out``, ``mlp_norm``,
+        ``mlp_in``, ``mlp_out``), unboxed, as :class:`TransformerLayer` names them.
+      h: ``(R, 1, W)`` the token's residual stream (R rows: batch, or both guidance branches).
+      cache: this layer's ``{"k", "v"}``: tuples of segment buffers ``(R, H, len, hd)``.
+      segment: (static) index of the segment the token's key/value goes into; the token
+        attends to segments ``0..segment``.
+      offset: the token's slot inside that segment (int32 scalar).
+      pos: the token's absolute position (int32 scalar); later slots are masked.
+      temp: ``(R,)`` per-row attention temperature dividing the logits, or ``None`` (1).
+
+    Returns:
+      ``(h, cache)``: the updated ``(R, 1, W)`` stream and cache. The math is the layer's own
+      (the same sub-modules applied functionally), so the result equals
+      ``TransformerLayer`` with a full cache up to summation order.
+    """
+    w, hd = channels, head_dim
+    heads = w // hd
+    expansion = params["mlp_in"]["kernel"].shape[-1] // w
+    kw = dict(dtype=dtype, param_dtype=param_dtype, parent=None)
+    apply = lambda module, name, x: module.apply({"params": params[name]}, x)
+    x = apply(layer_norm("attn_norm", param_dtype, dtype, parent=None), "attn_norm", h).astype(dtype)
+    qkv = apply(dense((3, heads, hd), w, ("embed", "qkv", "heads", "head_dim"), name="qkv", **kw), "qkv", x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (R, 1, H, hd)
+    zero = jnp.zeros((), jnp.int32)
+    new = {}
+    for name, value in (("k", k), ("v", v)):
+        segs = list(cache[name])
+        update = jnp.swapaxes(value, 1, 2).astype(segs[segment].dtype)
+        segs[segment] = jax.lax.dynamic_update_slice(segs[segment], update, (zero, zero, offset, zero))
+        new[name] = tuple(segs)
+    # As cached_attention: float32 logits times scale/temp (the temperature never rounded to
+    # the compute dtype), the same large negative fill, float32 softmax.
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    factor = jnp.asarray(1.0 / math.sqrt(hd), f32)
+    if temp is not None:
+        factor = factor / temp.astype(f32)[:, None, None, None]
+    logits = jnp.concatenate(
+        [jnp.einsum("bshd,bhtd->bhst", q, new["k"][i], preferred_element_type=f32) for i in range(segment + 1)],
+        axis=-1) * factor
+    visible = jnp.arange(logits.shape[-1]) <= pos
+    logits = jnp.where(visible, logits, 0.7 * jnp.finfo(f32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(new["v"][0].dtype)
+    out, start = None, 0
+    for i in range(segment + 1):
+        length = new["v"][i].shape[2]
+        part = jnp.einsum("bhst,bhtd->bshd", probs[..., start:start + length], new["v"][i])
+        out = part if out is None else out + part
+        start += length
+    h = h + apply(dense(w, w, ("heads", "head_dim", "embed"), axis=(-2, -1), name="attn_out", **kw),
+                  "attn_out", out.astype(dtype))
+    x = apply(layer_norm("mlp_norm", param_dtype, dtype, parent=None), "mlp_norm", h).astype(dtype)
+    x = gelu(apply(dense(expansion * w, w, ("embed", "mlp"), name="mlp_in", **kw), "mlp_in", x))
+    h = h + apply(dense(w, expansion * w, ("mlp", "embed"), name="mlp_out", **kw), "mlp_out", x)
+    return h, new
 
 
 def unstack_layers(params: Any) -> Any:

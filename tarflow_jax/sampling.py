@@ -148,27 +148,35 @@ def _empty_cache(guide: Guidance, batch: int, num_tokens: int, cache_shape: tupl
     return init_cache(layers, 2 * batch if guide.active else batch, num_tokens, heads, head_dim, dtype)
 
 
-def reverse_cached(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: Guidance,
-                   cache_shape: tuple[int, int, int], dtype: Any) -> jax.Array:
-    """Exact sequential inverse of one block with a preallocated key/value cache.
+def reverse_cached(decoder: Any, zp: jax.Array, y: jax.Array | None, guide: Guidance) -> jax.Array:
+    """Exact sequential inverse of one block with a preallocated, segmented key/value cache.
 
-    ``cache_shape = (layers, heads, head_dim)``; the guided and unguided branches run as
-    one batch of ``2B`` with a cache each.
+    ``decoder`` is the block's :class:`~tarflow_jax.flow.BlockDecoder`. The guided and
+    unguided branches run as one batch of ``2B`` rows. The token loop runs once per cache
+    segment (``decoder.segments``): while a token's key/value goes into segment ``j`` it
+    attends to segments ``0..j`` only, so a step reads only the part of the cache that can
+    hold its prefix. Position and class terms are computed once, before the loop.
     """
     batch, num_tokens, _ = zp.shape
     y2, temp = guide.branches(y, batch)
-    cache = _empty_cache(guide, batch, num_tokens, cache_shape, dtype)
+    rows = temp.shape[0]
+    table, cls = decoder.prepare(y2, rows)
+    # Unguided rows divide their logits by 1: skip it. Guided rows keep the temperature
+    # (the unguided branch's attn_temp; the guided branch's 1).
+    temp = temp if guide.active else None
+    cache = decoder.init_cache(rows)
+    x = zp
+    for segment, (start, end) in enumerate(decoder.segments):
+        def step(t, carry, segment=segment, start=start):
+            x, cache = carry
+            xt = jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1)
+            a, b, cache = decoder.step(_double(xt, guide), table, cls, temp, cache, t, segment, t - start)
+            a, b = guide.combine(a, b, t[None], num_tokens)
+            z_next = jax.lax.dynamic_slice_in_dim(zp, t + 1, 1, axis=1)
+            x = jax.lax.dynamic_update_slice_in_dim(x, z_next * jnp.exp(a) + b, t + 1, axis=1)
+            return x, cache
 
-    def step(t, carry):
-        x, cache = carry
-        xt = jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1)
-        a, b, cache = predict(_double(xt, guide), y2, temp, cache, t)
-        a, b = guide.combine(a, b, t[None], num_tokens)
-        z_next = jax.lax.dynamic_slice_in_dim(zp, t + 1, 1, axis=1)
-        x = jax.lax.dynamic_update_slice_in_dim(x, z_next * jnp.exp(a) + b, t + 1, axis=1)
-        return x, cache
-
-    x, _ = jax.lax.fori_loop(0, num_tokens - 1, step, (zp, cache))
+        x, cache = jax.lax.fori_loop(start, end, step, (x, cache))
     return x
 
 
