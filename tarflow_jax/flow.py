@@ -7,6 +7,7 @@ the reference, so imported weights and the VP prior table need no permutation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any

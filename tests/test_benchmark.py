@@ -123,3 +123,41 @@ def test_scanned_sampling_matches_unscanned(guidance):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=solver)
         if guidance == 0.0:
             np.testing.assert_allclose(a, x, atol=1e-4, err_msg=solver)
+
+
+# ------------------------------------------------------------- side by side with the authors' code
+def reference_dir():
+    """The folder of the authors' transformer_flow.py ($TARFLOW_REFERENCE_DIR), or skip."""
+    import os
+    import pathlib
+
+    path = os.environ.get("TARFLOW_REFERENCE_DIR")
+    if not path or not (pathlib.Path(path) / "transformer_flow.py").is_file():
+        pytest.skip("the authors' transformer_flow.py not found: set TARFLOW_REFERENCE_DIR to a clone of "
+                    "https://github.com/apple/ml-tarflow")
+    return path
+
+
+def test_reference_comparison_runs_and_agrees(tmp_path):
+    path = reference_dir()
+    out = tmp_path / "ref.json"
+    result = benchmark.run(benchmark.parse_args([
+        "benchmark", "--size=smoke", "--steps=1", "--warmup=0", f"--reference={path}",
+        "--reference_train_batch=4", "--reference_sample_batch=2", f"--out={out}"]))
+    ref = json.loads(out.read_text())["reference"]
+    assert ref == json.loads(json.dumps(result["reference"]))
+    agree = ref["agreement"]
+    assert agree["forward_z_max_abs_diff"] < 1e-4 and agree["forward_logdet_per_dim_max_abs_diff"] < 1e-5
+    assert agree["sample_x_max_abs_diff"] < 1e-3
+    for name in ("train", "forward", "sample"):
+        entry = ref[name]
+        assert entry["ratio"] == entry["theirs_median_s"] / entry["ours_median_s"] > 0
+    # one AdamW step of each program from the same weights on the same images: similar losses
+    assert abs(ref["train"]["ours_first_loss"] - ref["train"]["theirs_first_loss"]) < 0.05
+    assert "| train step, batch 4" in benchmark.benchmark_reference.format_reference(ref)
+
+
+def test_reference_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="transformer_flow.py"):
+        benchmark.benchmark_reference.load_reference_module(str(tmp_path))
+    assert benchmark.main(["benchmark", "--reference=/nowhere", "--what=jacobi"]) == 2

@@ -68,6 +68,7 @@ from absl import flags
 from tarflow_jax import configlib, sampling, train, train_state
 from tarflow_jax.flow import TarFlow, count_params
 from tarflow_jax.tools import cli
+from tarflow_jax.tools import benchmark_reference
 from tarflow_jax.tools.benchmark_reference import REFERENCE_WHAT
 
 # Model sizes. ``small`` is the CPU reference; the paper sizes follow configs/*.py.
@@ -453,11 +454,10 @@ def run(args: types.SimpleNamespace) -> dict[str, Any]:
     }
     res = result["results"]
     if args.reference:
-        from tarflow_jax.tools import benchmark_reference  # imports torch
-
-        result["reference"] = benchmark_reference.compare(
+        result["reference"] = benchmark_reference.compare(  # imports torch
             model, args.what, steps=args.steps, warmup=args.warmup, seed=args.seed, head_std=args.head_std,
-            path=args.reference, train_batch=args.reference_train_batch,
+            path=args.reference, train_config=train_config(model, args.reference_train_batch),
+            train_batch=args.reference_train_batch,
             sample_batch=args.reference_sample_batch, noise_std=args.noise_std,
             torch_threads=args.torch_threads)
         print(benchmark_reference.format_reference(result["reference"]))

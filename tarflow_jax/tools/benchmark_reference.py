@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tarflow_jax import train, train_state
 from tarflow_jax.convert import from_torch_state_dict
 from tarflow_jax.flow import TarFlow, patchify, unpatchify
 
@@ -138,8 +139,8 @@ def _torch_images(x: np.ndarray):
 
 
 def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: int, head_std: float,
-            path: str, train_batch: int = 32, sample_batch: int = 16, noise_std: float = 0.05,
-            torch_threads: int | None = None) -> dict[str, Any]:
+            path: str, train_config: Any = None, train_batch: int = 32, sample_batch: int = 16,
+            noise_std: float = 0.05, torch_threads: int | None = None) -> dict[str, Any]:
     """Times ``what`` (of :data:`REFERENCE_WHAT`) for ``model`` and the authors' ``Model`` side by side.
 
     Args:
@@ -149,6 +150,8 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
       seed: seeds the authors' initialisation (and so ours) and the inputs.
       head_std: standard deviation of the redrawn output-head weights.
       path: folder of the authors' ``transformer_flow.py`` (or the file).
+      train_config: the trainer config for ``model`` (``benchmark.train_config``); its
+        noise, optimiser and EMA fields are overridden as described above. Needed for "train".
       train_batch, sample_batch: examples per train/forward step and per ``reverse`` call.
       noise_std: Gaussian noise added to the training images (both programs).
       torch_threads: ``torch.set_num_threads`` (None: torch's default).
@@ -160,6 +163,8 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
     Raises:
       ValueError: a size the authors' model cannot express, or an unknown piece in ``what``.
     """
+    if "train" in what and train_config is None:
+        raise ValueError("compare(what=['train', ...]) needs train_config (benchmark.train_config(model, batch))")
     bad = [w for w in what if w not in REFERENCE_WHAT]
     if bad:
         raise ValueError(f"--what for --reference: unknown {bad}; choose from {REFERENCE_WHAT}")
@@ -199,8 +204,8 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
     out["agreement"] = agreement
 
     if "train" in what:
-        out["train"] = _compare_train(model, ref, variables, pixels, labels, x_t, y_t, steps, warmup,
-                                      seed, noise_std)
+        out["train"] = _compare_train(model, train_config, ref, variables, pixels, labels, x_t, y_t, steps,
+                                      warmup, seed, noise_std)
     if "forward" in what:
         x_j = jnp.asarray(x_np)
         compiled = jax.jit(lambda v, x, y: model.apply(v, x, y)).lower(variables, x_j, y_j).compile()
@@ -238,18 +243,16 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
     return out
 
 
-def _compare_train(model: TarFlow, ref: Any, variables: Any, pixels: np.ndarray, labels: np.ndarray | None,
-                   x_t: Any, y_t: Any, steps: int, warmup: int, seed: int, noise_std: float
-                   ) -> dict[str, Any]:
+def _compare_train(model: TarFlow, config: Any, ref: Any, variables: Any, pixels: np.ndarray,
+                   labels: np.ndarray | None, x_t: Any, y_t: Any, steps: int, warmup: int, seed: int,
+                   noise_std: float) -> dict[str, Any]:
     """One AdamW step of each program on the same images (see the module docstring)."""
     import torch
 
-    from tarflow_jax import train, train_state
-    from tarflow_jax.tools import benchmark
-
-    config = benchmark.train_config(model, pixels.shape[0])
+    config = copy.deepcopy(config)
     config.noise, config.noise_std = "gaussian", noise_std
     config.label_drop = 0.0
+    config.ema_decay = 0.0
     config.learning_rate = config.min_learning_rate = ADAMW["lr"]
     config.b1, config.b2 = ADAMW["betas"]
     config.weight_decay = ADAMW["weight_decay"]
