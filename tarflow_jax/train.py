@@ -90,26 +90,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     grad_norm = optax.tree.norm(grads)
     learning_rate = schedule(state.step)  # the global step: skipped steps advance the schedule too
-    opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=learning_rate)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:  # warm-up: early averages do not drag in the initialisation
-        step = state.step.astype(jnp.float32)
-        decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-    prior_var = state.prior_var
-    if not model.nvp:
-        z2 = jnp.mean(jnp.square(patchify(z, model.patch_size)), axis=0)
-        prior_var = prior_var + VAR_RATE * (z2 - prior_var)
-
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    def update(old):
+        params, opt_state, ema, prior_var = old
+        opt_state = optax.tree_utils.tree_set(opt_state, learning_rate=learning_rate)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if ema is not None:  # warm-up: early averages do not drag in the initialisation
+            step = state.step.astype(jnp.float32)
+            decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
+            ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+        if not model.nvp:
+            z2 = jnp.mean(jnp.square(patchify(z, model.patch_size)), axis=0)
+            prior_var = prior_var + VAR_RATE * (z2 - prior_var)
+        return params, opt_state, ema, prior_var
+
+    # A non-finite step keeps everything as it was. One lax.cond around the whole update,
+    # not a per-leaf select between new and old values: the select made XLA copy every
+    # parameter and optimizer-state leaf first (234 copies for `small`; docs/performance.md).
+    old = (state.params, state.opt_state, state.ema_params, state.prior_var)
+    params, opt_state, ema, prior_var = jax.lax.cond(finite, update, lambda old: old, old)
     skipped = (~finite).astype(jnp.int32)
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-        ema_params=keep(ema, state.ema_params), prior_var=keep(prior_var, state.prior_var),
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, prior_var=prior_var,
         consecutive_skips=(state.consecutive_skips + 1) * skipped,
         total_skips=state.total_skips + skipped)
     metrics = {"loss": loss, "loss_prior": prior, "loss_logdet": logdet_term,
