@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import json
 import math
+import warnings
 from typing import Any, Mapping
 
 import flax
@@ -49,10 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import likelihood, sampling
-from tarflow_jax.flow import GUIDE_WHAT, TarFlow, patchify, unpatchify
+from tarflow_jax import configlib, distrax_compat, likelihood, nnx_compat, sampling
+from tarflow_jax.flow import GUIDE_WHAT, TarFlow, count_params, patchify, unpatchify
 
-__all__ = ["TrainedFlow", "SampleOptions", "model_from_config"]
+__all__ = ["TrainedFlow", "SampleOptions"]
 
 NOISE_KINDS = ("uniform", "gaussian")
 
@@ -108,30 +109,6 @@ def _check_number(name: str, value: Any, ok, what: str) -> None:
         return
     if not ok(float(value)):
         raise ValueError(f"{name} must be {what}; got {value}")
-
-
-def model_from_config(config: Mapping[str, Any]) -> TarFlow:
-    """The :class:`TarFlow` a run's config describes (``config.model``; ``dtype`` as a string).
-
-    Accepts a ``ConfigDict`` or a plain dict (e.g. a parsed ``config.json``). Image size and
-    channels come from ``config.model.img_size``/``in_channels``, falling back to
-    ``config.dataset.image_size``/``channels``; a model width given as ``width`` is read as
-    ``channels``.
-    """
-    m = dict(config["model"])
-    d = dict(config.get("dataset", {}) or {})
-    if "width" in m:
-        m["channels"] = m.pop("width")
-    m.setdefault("img_size", d.get("image_size"))
-    m.setdefault("in_channels", d.get("channels"))
-    m["dtype"] = jnp.dtype(m.get("dtype", "float32"))
-    if "param_dtype" in m:
-        m["param_dtype"] = jnp.dtype(m["param_dtype"])
-    fields = {f.name for f in dataclasses.fields(TarFlow)} - {"parent", "name"}
-    unknown = sorted(set(m) - fields)
-    if unknown:
-        raise ValueError(f"config.model has fields TarFlow does not take: {unknown}")
-    return TarFlow(**m)
 
 
 def _to_plain(tree: Any) -> Any:
@@ -218,15 +195,25 @@ class TrainedFlow:
 
     @classmethod
     def from_config(cls, config: Any, variables: Mapping[str, Any]) -> "TrainedFlow":
-        """A flow from a run's config (model, ``dataset.num_levels``, noise, ``sample``) and variables."""
-        noise = config.get("noise", "uniform")
-        if noise not in NOISE_KINDS:
-            raise ValueError(f"config.noise must be one of {NOISE_KINDS}; got {noise!r}")
-        noise_std = float(config.get("noise_std", 0.0)) if noise == "gaussian" else 0.0
-        dataset = config.get("dataset", {}) or {}
-        return cls.create(model_from_config(config), variables,
-                          num_levels=dataset.get("num_levels", 256), noise_std=noise_std,
-                          options=SampleOptions.from_config(config.get("sample")), config=config)
+        """A flow from a run's config and its variables.
+
+        Args:
+          config: a ``ConfigDict`` or dict in the run's schema (old field names are
+            upgraded, missing fields take :func:`tarflow_jax.configlib.base_config`'s values):
+            the model (:func:`tarflow_jax.configlib.create_model`), ``dataset.num_levels``,
+            ``noise``/``noise_std`` and ``sample`` (the default :class:`SampleOptions`).
+          variables: the model's Flax variables (see :meth:`create`).
+
+        Raises:
+          ValueError: a config that makes no valid model, or variables that do not fit it.
+        """
+        config = configlib.upgrade(config, source="the config given to TrainedFlow.from_config")
+        if config.noise not in NOISE_KINDS:
+            raise ValueError(f"config.noise must be one of {NOISE_KINDS}; got {config.noise!r}")
+        noise_std = float(config.noise_std) if config.noise == "gaussian" else 0.0
+        return cls.create(configlib.create_model(config), variables,
+                          num_levels=config.dataset.num_levels, noise_std=noise_std,
+                          options=SampleOptions.from_config(config.sample), config=config)
 
     def replace_options(self, **changes: Any) -> "TrainedFlow":
         """A copy with some default sampling settings changed (same weights, no copy of them)."""
@@ -239,9 +226,7 @@ class TrainedFlow:
         """The run's config as a (fresh, mutable) ``ml_collections.ConfigDict``; None if unknown."""
         if not self.config_json:
             return None
-        import ml_collections
-
-        return ml_collections.ConfigDict(json.loads(self.config_json))
+        return configlib.upgrade(json.loads(self.config_json), source="TrainedFlow.config")
 
     @property
     def params(self) -> Any:
@@ -266,15 +251,13 @@ class TrainedFlow:
 
     def __iter__(self):
         """Deprecated: ``model, variables, config = flow`` (what ``load`` used to return)."""
-        import warnings
-
         warnings.warn("unpacking a TrainedFlow as (model, variables, config) is deprecated; use "
                       "flow.model, flow.variables and flow.config", DeprecationWarning, stacklevel=2)
         return iter((self.model, self.variables, self.config))
 
     def __repr__(self) -> str:
         m = self.model
-        n = sum(int(np.size(p)) for p in jax.tree.leaves(self.variables["params"]))
+        n = count_params(self.variables["params"])
         return (f"TrainedFlow({m.img_size}x{m.img_size}x{m.in_channels}, patch {m.patch_size}, "
                 f"width {m.channels}, {m.num_blocks}x{m.layers_per_block} layers, "
                 f"num_classes={m.num_classes}, {n / 1e6:.2f}M params, num_levels={self.num_levels}, "
@@ -513,38 +496,38 @@ class TrainedFlow:
 
     # ------------------------------------------------------------------ other libraries
     def as_bijector(self, y: Any = None):
-        """This flow as a ``distrax.Bijector`` (data → latent is ``forward``); needs distrax.
+        """This flow as a ``distrax.Bijector``: ``forward`` is data → latent (TarFlow's forward).
 
-        See :class:`tarflow_jax.distrax_compat.FlowBijector`.
+        Needs distrax (``pip install 'tarflow_jax[distrax]'``). See
+        :mod:`tarflow_jax.distrax_compat` (``FlowBijector``) for shapes, labels and the
+        log-det convention.
+
+        Raises:
+          ImportError: distrax is not installed.
         """
-        from tarflow_jax.distrax_compat import FlowBijector
-
-        return FlowBijector(self, y)
+        return distrax_compat.bijector(self, y)
 
     def as_distribution(self, y: Any = None):
-        """This flow's density ``p(x|y)`` as a ``distrax.Distribution``; needs distrax.
+        """This flow's exact density ``p(x|y)`` as a ``distrax.Distribution`` (no guidance).
 
-        See :class:`tarflow_jax.distrax_compat.FlowDistribution`.
+        Needs distrax. See :mod:`tarflow_jax.distrax_compat` (``FlowDistribution``).
+
+        Raises:
+          ImportError: distrax is not installed.
         """
-        from tarflow_jax.distrax_compat import FlowDistribution
-
-        return FlowDistribution(self, y)
+        return distrax_compat.distribution(self, y)
 
     def to_nnx(self, rngs: Any = None):
-        """The model with these weights as a trainable Flax NNX module (``nnx.bridge.ToNNX``).
+        """The model holding these weights as a trainable Flax NNX module (``nnx.bridge.ToNNX``).
 
         See :func:`tarflow_jax.nnx_compat.to_nnx`.
         """
-        from tarflow_jax.nnx_compat import to_nnx
-
-        return to_nnx(self, rngs)
+        return nnx_compat.to_nnx(self.model, rngs, variables=self.variables)
 
 
 def _check_variables(model: TarFlow, variables: dict[str, Any]) -> None:
     """Raises a ValueError for variables that do not fit ``model`` (tree or shapes)."""
-    x = jax.ShapeDtypeStruct((1, *((model.img_size,) * 2), model.in_channels), jnp.float32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if model.num_classes else None
-    expected = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), x, y))
+    expected = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs()))
     want = flax.traverse_util.flatten_dict(_to_plain(expected))
     got = flax.traverse_util.flatten_dict(variables)
     for path in want:
@@ -587,7 +570,7 @@ def _encode_impl(flow: TrainedFlow, x: jax.Array, y: jax.Array | None):
 def _log_prob_impl(flow: TrainedFlow, x: jax.Array, y: jax.Array | None) -> jax.Array:
     z, logdet = _encode_impl(flow, x, y)
     n = flow.model.num_dims
-    return -0.5 * jnp.sum(jnp.square(z), axis=(1, 2, 3)) - 0.5 * n * math.log(2 * math.pi) + logdet
+    return -0.5 * jnp.sum(jnp.square(z), axis=(1, 2, 3)) - n * likelihood.HALF_LOG_2PI + logdet
 
 
 def _denoise_impl(flow: TrainedFlow, x, y, sigma, scale) -> jax.Array:

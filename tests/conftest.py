@@ -10,6 +10,13 @@ import sys
 # treats as "no triton".
 sys.modules.setdefault("triton", None)
 
+# distrax imports tensorflow-probability, whose package init needs tf-keras once TensorFlow is
+# already loaded (the trainer's input pipeline loads it); imported first, it needs nothing more.
+try:
+    import distrax  # noqa: F401
+except ImportError:  # the optional extra is not installed: its tests skip
+    pass
+
 import jax
 import jax.numpy as jnp
 import numpy as np

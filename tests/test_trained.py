@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from conftest import random_variables
-from tarflow_jax import JacobiPlan, TarFlow, likelihood, sampling, sharding
+from tarflow_jax import JacobiPlan, TarFlow, likelihood, sharding
 from tarflow_jax.trained import SampleOptions, TrainedFlow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,6 +47,11 @@ def images(flow, batch=3, seed=0):
 Y3 = jnp.array([0, 2, -1])
 
 
+def apply(flow, *args, method=None, **kwargs):
+    """``flow.model.apply(flow.variables, *args, ...)`` under one jit (eager compiles far more)."""
+    return jax.jit(lambda v, *a: flow.model.apply(v, *a, method=method, **kwargs))(flow.variables, *args)
+
+
 def same(actual, expected, tol=1e-6):
     """Equal up to float32 rounding (jit fusion may reorder the last bit)."""
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol)
@@ -57,11 +62,11 @@ def test_encode_and_log_prob_match_model_apply(cond_flow, uncond_flow):
     for flow, y in ((cond_flow, Y3), (uncond_flow, None)):
         x = images(flow)
         z, logdet = flow.encode(x, y)
-        z_ref, logdet_ref = flow.model.apply(flow.variables, x, y)
+        z_ref, logdet_ref = apply(flow, x, y)
         same(z, z_ref)
         same(logdet, logdet_ref, 1e-5)
         assert z.dtype == logdet.dtype == jnp.float32 and logdet.shape == (3,)
-        ref = sampling.log_prob(flow.model, flow.variables, x, y)
+        ref = likelihood.log_prob(flow.model, flow.variables, x, y)
         np.testing.assert_allclose(flow.log_prob(x, y), ref, rtol=1e-6)
 
 
@@ -71,7 +76,7 @@ def test_bits_per_dim_matches_dequantize_and_likelihood(cond_flow):
     draws = []
     for k in jax.random.split(key, 4):
         x = likelihood.dequantize(k, pixels, 17)
-        draws.append(likelihood.bits_per_dim(*cond_flow.model.apply(cond_flow.variables, x, Y3), 17))
+        draws.append(likelihood.bits_per_dim(*apply(cond_flow, x, Y3), 17))
     draws = jnp.stack(draws)
     got = cond_flow.bits_per_dim(pixels, Y3, key=key, num_draws=4)
     np.testing.assert_allclose(got, draws.mean(0), rtol=1e-6)
@@ -89,7 +94,7 @@ def test_bits_per_dim_matches_dequantize_and_likelihood(cond_flow):
                                      jacobi=JacobiPlan(segments=2, max_iters=8))])
 def test_decode_matches_reverse(cond_flow, kw):
     z = jax.random.normal(jax.random.key(2), (3, 8, 8, 1))
-    ref = cond_flow.model.apply(cond_flow.variables, z, Y3, method=TarFlow.reverse, **kw)
+    ref = apply(cond_flow, z, Y3, method=TarFlow.reverse, **kw)
     same(cond_flow.decode(z, Y3, **kw), ref, 1e-5)
 
 
@@ -103,14 +108,13 @@ def test_sample_matches_reverse_then_denoise(cond_flow):
     key = jax.random.key(4)
     y = jnp.array([0, 1, 2, 1])
     z = jax.random.normal(key, (4, 8, 8, 1))
-    m, v = cond_flow.model, cond_flow.variables
-    raw = m.apply(v, z, y, guidance=1.5, annealed_guidance=True, attn_temp=0.9, method=TarFlow.reverse)
-    clean = m.apply(v, raw, y, 0.1, 1.0, method=TarFlow.denoise)
+    raw = apply(cond_flow, z, y, guidance=1.5, annealed_guidance=True, attn_temp=0.9, method=TarFlow.reverse)
+    clean = apply(cond_flow, raw, y, 0.1, 1.0, method=TarFlow.denoise)
     same(cond_flow.sample(key, 4, y, denoise=False), raw, 1e-5)
     np.testing.assert_allclose(cond_flow.sample(key, 4, y), clean, atol=1e-6)  # the run's defaults
     np.testing.assert_allclose(cond_flow.denoise(raw, y), clean, atol=1e-6)
     # a scalar label means that class for every image; options can be overridden per call
-    plain = m.apply(v, z, jnp.full((4,), 2), method=TarFlow.reverse)
+    plain = apply(cond_flow, z, jnp.full((4,), 2), method=TarFlow.reverse)
     same(cond_flow.sample(key, 4, 2, guidance=0.0, denoise=False), plain, 1e-5)
     assert cond_flow.sample(jax.random.PRNGKey(4), 4, y, denoise=False).shape == (4, 8, 8, 1)
 
@@ -118,13 +122,12 @@ def test_sample_matches_reverse_then_denoise(cond_flow):
 def test_uniform_flow_skips_denoising(uncond_flow):
     key = jax.random.key(5)
     z = jax.random.normal(key, (2, 8, 8, 3))
-    ref = uncond_flow.model.apply(uncond_flow.variables, z, method=TarFlow.reverse)
+    ref = apply(uncond_flow, z, method=TarFlow.reverse)
     same(uncond_flow.sample(key, 2), ref, 1e-5)  # noise_std=0: nothing to remove
     with pytest.raises(ValueError, match="trained without Gaussian noise"):
         uncond_flow.denoise(ref)
     np.testing.assert_allclose(uncond_flow.denoise(ref, noise_std=0.05),
-                               uncond_flow.model.apply(uncond_flow.variables, ref, None, 0.05,
-                                                       method=TarFlow.denoise), atol=1e-6)
+                               apply(uncond_flow, ref, None, 0.05, method=TarFlow.denoise), atol=1e-6)
 
 
 def test_volume_preserving_prior_variance_is_part_of_the_map():
@@ -135,14 +138,14 @@ def test_volume_preserving_prior_variance_is_part_of_the_map():
     flow = TrainedFlow.create(model, {**variables, "prior": {"var": var}})
     x = images(flow)
     z, logdet = flow.encode(x)
-    z_model, logdet_model = model.apply(flow.variables, x)
+    z_model, logdet_model = apply(flow, x)
     tokens = lambda a: np.asarray(a).reshape(3, 4, 2, 4, 2, 1).transpose(0, 1, 3, 5, 2, 4).reshape(3, 16, 4)
     np.testing.assert_allclose(tokens(z), tokens(z_model) / np.sqrt(np.asarray(var)), rtol=1e-6)
     np.testing.assert_allclose(logdet, logdet_model - 0.5 * np.log(np.asarray(var)).sum(), rtol=1e-5)
     # decode (TarFlow.reverse, which multiplies by sqrt(var)) inverts encode exactly
     np.testing.assert_allclose(flow.decode(z), x, atol=1e-5)
     key = jax.random.key(1)
-    same(flow.sample(key, 2), model.apply(flow.variables, jax.random.normal(key, (2, 8, 8, 1)),
+    same(flow.sample(key, 2), apply(flow, jax.random.normal(key, (2, 8, 8, 1)),
                                           method=TarFlow.reverse), 1e-5)
 
 
@@ -161,13 +164,13 @@ def test_jit_vmap_and_grad_through_log_prob(cond_flow):
     np.testing.assert_allclose(both[0], expected, rtol=1e-5)
     np.testing.assert_allclose(both[1], other.log_prob(x, Y3), rtol=1e-5)
     # gradients: w.r.t. the images, and w.r.t. the weights (the flow is a pytree)
-    ref = lambda u: jnp.sum(sampling.log_prob(cond_flow.model, cond_flow.variables, u, Y3))
-    np.testing.assert_allclose(jax.grad(lambda u: jnp.sum(cond_flow.log_prob(u, Y3)))(x),
-                               jax.grad(ref)(x), rtol=1e-5, atol=1e-5)
-    grads = jax.grad(lambda f: jnp.sum(f.log_prob(x, Y3)))(cond_flow)
+    ref = lambda u: jnp.sum(likelihood.log_prob(cond_flow.model, cond_flow.variables, u, Y3))
+    np.testing.assert_allclose(jax.jit(jax.grad(lambda u: jnp.sum(cond_flow.log_prob(u, Y3))))(x),
+                               jax.jit(jax.grad(ref))(x), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda f: jnp.sum(f.log_prob(x, Y3))))(cond_flow)
     assert isinstance(grads, TrainedFlow)
-    ref_params = jax.grad(lambda p: jnp.sum(sampling.log_prob(
-        cond_flow.model, {**cond_flow.variables, "params": p}, x, Y3)))(cond_flow.params)
+    ref_params = jax.jit(jax.grad(lambda p: jnp.sum(likelihood.log_prob(
+        cond_flow.model, {**cond_flow.variables, "params": p}, x, Y3))))(cond_flow.params)
     for a, b in zip(jax.tree.leaves(grads.params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -203,16 +206,13 @@ def test_shard_map_on_a_mesh(cond_flow):
 def test_shard_map_over_two_devices():
     """The flow as a replicated shard_map argument on two (simulated) CPU devices."""
     code = textwrap.dedent("""
-        import sys; sys.path.insert(0, "tests")
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import PartitionSpec as P
-        from conftest import random_variables
-        from tarflow_jax import TarFlow
-        from tarflow_jax.trained import TrainedFlow
+        from tarflow_jax import TarFlow, TrainedFlow
         assert jax.device_count() == 2
         model = TarFlow(img_size=4, in_channels=1, patch_size=2, channels=64, num_blocks=2,
                         layers_per_block=1, num_classes=2)
-        flow = TrainedFlow.create(model, random_variables(model))
+        flow = TrainedFlow.create(model, jax.jit(model.init)(jax.random.key(0), *model.dummy_inputs()))
         x = jax.random.uniform(jax.random.key(0), (4, 4, 4, 1), minval=-1, maxval=1)
         y = jnp.array([0, 1, 1, -1])
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -266,7 +266,7 @@ def test_errors_name_the_problem(cond_flow, uncond_flow):
 
 def test_create_accepts_boxed_numpy_and_missing_prior(tiny_cond):
     model, variables = tiny_cond
-    boxed = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+    boxed = jax.jit(model.init)(jax.random.key(0), *model.dummy_inputs())
     flow = TrainedFlow.create(model, {"params": boxed["params"]})
     np.testing.assert_array_equal(flow.variables["prior"]["var"], np.ones((16, 4)))
     host = jax.tree.map(np.asarray, variables)
@@ -282,8 +282,7 @@ def test_options_from_config_and_deprecated_unpacking(tiny_cond):
 
     model, variables = tiny_cond
     config = configlib.base_config()
-    config.model.update(img_size=8, in_channels=1, patch_size=2, channels=64, num_blocks=2,
-                        layers_per_block=1, num_classes=3, scan_layers=False)
+    config.model.update(patch_size=2, width=64, num_blocks=2, layers_per_block=1, num_classes=3)
     config.dataset.update(image_size=8, channels=1, num_levels=17)
     config.noise, config.noise_std = "gaussian", 0.07
     config.sample.update(guidance=3.4, annealed_guidance=True)
@@ -349,6 +348,26 @@ def test_distrax_transformed_and_distribution(cond_flow):
     np.testing.assert_allclose(tempered.log_prob(x), narrow.log_prob(z) + logdet, rtol=1e-5)
     # the distrax objects are pytrees too
     np.testing.assert_allclose(jax.jit(lambda d, u: d.log_prob(u))(dist, x), dist.log_prob(x), rtol=1e-6)
+
+
+def test_distrax_after_tensorflow_names_the_fix():
+    """tensorflow-probability (under distrax) needs tf-keras once TensorFlow is loaded: a clear error."""
+    import importlib.util
+
+    if importlib.util.find_spec("tf_keras") is not None:
+        pytest.skip("tf-keras is installed: distrax imports after TensorFlow")
+    code = textwrap.dedent("""
+        import tensorflow
+        from tarflow_jax import distrax_compat
+        try:
+            distrax_compat.bijector(None)
+        except ImportError as e:
+            print("ERROR", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "ERROR distrax could not be imported because TensorFlow was imported first" in proc.stdout, \
+        proc.stderr[-2000:]
+    assert "import distrax` at the top of your script), or pip install tf-keras" in proc.stdout
 
 
 def test_distrax_batch_shapes_and_errors(cond_flow, uncond_flow):
