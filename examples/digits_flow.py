@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     # 2. Guided samples, one column per class (the run's guidance and sampling options).
     classes = jnp.tile(jnp.arange(flow.num_classes), args.per_class)
     samples = flow.sample(jax.random.fold_in(key, 1), len(classes), classes)
-    grid = workdirlib.image_grid(workdirlib.to_uint8(np.asarray(samples)), columns=flow.num_classes)
+    grid = workdirlib.image_grid(flow.to_uint8(samples), columns=flow.num_classes)
     workdirlib.write_png(out / "samples_per_class.png", grid)
 
     # 3. The flow as a prior: fill in the bottom half of test digits (MAP, jitted Adam loop).
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     filled = inpaint(flow, observed, mask, jnp.asarray(labels[:n]), args.steps)
     rows = np.concatenate([np.asarray(observed), np.where(mask, observed, -1.0), np.asarray(filled)])
     workdirlib.write_png(out / "inpainting.png",
-                         workdirlib.image_grid(workdirlib.to_uint8(rows), columns=n))
+                         workdirlib.image_grid(flow.to_uint8(rows), columns=n))
     print(f"wrote {out / 'samples_per_class.png'} and {out / 'inpainting.png'}")
     return 0
 

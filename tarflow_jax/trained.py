@@ -55,8 +55,6 @@ from tarflow_jax.flow import GUIDE_WHAT, TarFlow, count_params, patchify, unpatc
 
 __all__ = ["TrainedFlow", "SampleOptions"]
 
-NOISE_KINDS = ("uniform", "gaussian")
-
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
@@ -208,8 +206,8 @@ class TrainedFlow:
           ValueError: a config that makes no valid model, or variables that do not fit it.
         """
         config = configlib.upgrade(config, source="the config given to TrainedFlow.from_config")
-        if config.noise not in NOISE_KINDS:
-            raise ValueError(f"config.noise must be one of {NOISE_KINDS}; got {config.noise!r}")
+        if config.noise not in likelihood.NOISE_KINDS:
+            raise ValueError(f"config.noise must be one of {likelihood.NOISE_KINDS}; got {config.noise!r}")
         noise_std = float(config.noise_std) if config.noise == "gaussian" else 0.0
         return cls.create(configlib.create_model(config), variables,
                           num_levels=config.dataset.num_levels, noise_std=noise_std,
@@ -248,6 +246,27 @@ class TrainedFlow:
     def num_classes(self) -> int:
         """Number of classes (0: unconditional)."""
         return self.model.num_classes
+
+    @property
+    def noise(self) -> str:
+        """How the run saw its data: ``"gaussian"`` (``noise_std > 0``) or ``"uniform"`` dequantization."""
+        return "gaussian" if self.noise_std > 0 else "uniform"
+
+    def to_uint8(self, x: Any) -> np.ndarray:
+        """Images in ``[-1, 1]`` (e.g. from :meth:`sample`) to uint8 pixels ``0..255``, as the run does.
+
+        :func:`tarflow_jax.likelihood.to_uint8` with this flow's levels and noise kind: back to
+        the data's ``num_levels`` levels (the exact inverse of uniform dequantization, or the
+        reference's truncation for Gaussian-noise runs), then scaled to 0..255; NaN → 0. Host
+        NumPy (not for use under ``jit``).
+
+        Args:
+          x: float images, any shape.
+
+        Returns:
+          uint8 array of ``x``'s shape.
+        """
+        return likelihood.to_uint8(np.asarray(jax.device_get(x), np.float32), self.num_levels, self.noise)
 
     def __iter__(self):
         """Deprecated: ``model, variables, config = flow`` (what ``load`` used to return)."""

@@ -76,10 +76,10 @@ def test_reference_writer_reproduces_the_authors_layout(parity_path):
 
 
 def write_image_folder(root: pathlib.Path, size=(20, 24), per_class=2) -> None:
-    """``root/test/{cat,dog,wild}/*.png``: random RGB images of another size (resized and cropped)."""
+    """``root/val/{cat,dog,wild}/*.png`` (AFHQ's layout): random RGB images of another size."""
     rng = np.random.default_rng(0)
     for name in ("cat", "dog", "wild"):
-        folder = root / "test" / name
+        folder = root / "val" / name
         folder.mkdir(parents=True)
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(folder / f"{i}.png")
@@ -143,21 +143,26 @@ def test_sample_with_the_papers_afhq_guidance_to_a_png_grid(afhq):
     clean = jax.jit(lambda v, x: model.apply(v, x, LABELS, 0.07, method=TarFlow.denoise))(variables, raw)
     np.testing.assert_allclose(images, jnp.where(jnp.isfinite(clean), clean, raw), atol=1e-5)
     path = afhq["out"] / "samples" / "afhq_grid.png"
-    workdir_lib.write_png(path, workdir_lib.image_grid(workdir_lib.to_uint8(np.asarray(images)), columns=3))
+    pixels = flow.to_uint8(images)                      # as the trainer's sample grids: truncation for σ > 0
+    np.testing.assert_array_equal(pixels, workdir_lib.to_uint8(np.asarray(images), 256, "gaussian"))
+    workdir_lib.write_png(path, workdir_lib.image_grid(pixels, columns=3))
     assert Image.open(path).size == (3 * 17 + 1, 2 * 17 + 1)
 
 
 def test_bits_per_dim_on_an_image_folder_matches_the_evaluator(afhq):
     flow = tarflow_jax.load(str(afhq["out"]))
     config = flow.config
-    config.dataset.data_dir = str(afhq["folder"])       # <data_dir>/test/{cat,dog,wild}/*.png
-    total, count = 0.0, 0
+    config.dataset.data_dir = str(afhq["folder"])       # <data_dir>/val/{cat,dog,wild}/*.png
+    given, unlabelled, count = 0.0, 0.0, 0
     for i, batch in enumerate(input_pipeline.create_eval_iterator(config, config.eval.batch_size)):
-        bpd = flow.bits_per_dim(batch["image"], batch["label"], key=jax.random.fold_in(jax.random.PRNGKey(0), i))
-        total += float(jnp.sum(jnp.where(batch["mask"], bpd, 0.0)))
-        count += int(batch["mask"].sum())
+        key = jax.random.fold_in(jax.random.PRNGKey(0), i)   # the evaluator's draws
+        keep = batch["mask"]
+        given += float(jnp.sum(jnp.where(keep, flow.bits_per_dim(batch["image"], batch["label"], key=key), 0)))
+        unlabelled += float(jnp.sum(jnp.where(keep, flow.bits_per_dim(batch["image"], key=key), 0)))
+        count += int(keep.sum())
     mesh = sharding.create_mesh(config.mesh)
     expected = evaluate.evaluate_bits_per_dim(flow.model, flow.variables, config, mesh, num_draws=1, seed=0)
     assert count == expected["num_examples"] == 6
-    np.testing.assert_allclose(total / count, expected["bpd"], rtol=1e-5)
-    assert 0 < total / count < 40
+    np.testing.assert_allclose(unlabelled / count, expected["bpd"], rtol=1e-5)
+    np.testing.assert_allclose(given / count, expected["conditional"]["bpd"], rtol=1e-5)
+    assert 0 < given / count < 40
