@@ -9,6 +9,8 @@ overrides such as ``--config.dataset.data_dir=gs://bucket/data`` parse.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 from typing import Any, Mapping
 
@@ -220,3 +222,22 @@ def create_model(config: ml_collections.ConfigDict) -> TarFlow:
       ValueError: the fields do not make a valid model (e.g. a width not divisible by the head dim).
     """
     return TarFlow(**model_kwargs(config))
+
+
+def from_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config of an experiment file, ``"configs/NAME.py"`` or ``"configs/NAME.py:ARG"``.
+
+    Runs the file's ``get_config(arg)`` as ``--config=`` on the command line does.
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: the file has no ``get_config``.
+    """
+    path, _, arg = os.fspath(spec).partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file at {path!r} (expected e.g. configs/afhq256.py[:smoke])")
+    module_spec = importlib.util.spec_from_file_location(f"_tarflow_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config(arg)")
+    return upgrade(module.get_config(arg or None), source=path)

@@ -349,6 +349,46 @@ def describe_mismatches(mismatches: Sequence[tuple[str, Any, Any, str]]) -> str:
     return "\n".join(lines)
 
 
+def convert_for_config(torch_checkpoint: str | os.PathLike | Mapping[str, Any], config: Any,
+                       source: str | None = None) -> dict[str, Any]:
+    """Reference weights checked against a run config's model and converted to Flax variables.
+
+    Args:
+      torch_checkpoint: a ``.pth`` path or a reference state dict (see :func:`load_state_dict`).
+      config: a ``ConfigDict`` in today's schema (``config.model``, ``config.dataset``).
+      source: how to name the checkpoint in errors (default: its path, or "state dict").
+
+    Returns:
+      Flax variables ``{"params": ..., "prior": {"var": ...}}`` for
+      ``configlib.create_model(config)``.
+
+    Raises:
+      ValueError: the checkpoint does not fit the config: names the wrong config fields and the
+        flags that fix them (from the tensors' shapes, :func:`config_mismatches`), then the
+        first mismatched state dict key with both shapes.
+      FileNotFoundError, ImportError: see :func:`load_state_dict`.
+    """
+    if source is None:
+        source = (os.fspath(torch_checkpoint) if isinstance(torch_checkpoint, (str, os.PathLike))
+                  else "state dict")
+    state = load_state_dict(torch_checkpoint)
+    mismatches = config_mismatches(state, configlib.model_kwargs(config))
+    variables, error = None, None
+    try:
+        variables = from_torch_state_dict(state, configlib.create_model(config))
+    except ValueError as e:  # a wrong shape or key, or a config TarFlow itself rejects
+        error = e
+    if mismatches or error is not None:
+        lines = [f"checkpoint {source!r} does not fit the config's model"]
+        if mismatches:
+            lines[0] += f"; wrong field{'s' if len(mismatches) > 1 else ''}:"
+            lines.append(describe_mismatches(mismatches))
+        if error is not None:
+            lines.append(f"  {'first mismatch: ' if mismatches else ''}{error}")
+        raise ValueError("\n".join(lines))
+    return variables
+
+
 if __name__ == "__main__":
     warnings.warn("python -m tarflow_jax.convert is deprecated; use python -m tarflow_jax.tools.convert",
                   FutureWarning, stacklevel=1)

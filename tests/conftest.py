@@ -15,6 +15,13 @@ sys.modules.setdefault("triton", None)
 # started by tests inherit this.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# distrax imports tensorflow-probability, whose package init needs tf-keras once TensorFlow is
+# already loaded (the trainer's input pipeline loads it); imported first, it needs nothing more.
+try:
+    import distrax  # noqa: F401
+except Exception:  # noqa: BLE001 - not installed (or broken): its tests skip with the reason
+    pass
+
 import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

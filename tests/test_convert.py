@@ -98,14 +98,15 @@ def test_cli_converted_workdir_reproduces_parity(converted_cond):
     out, _, cfg, data = converted_cond
     assert (out / "checkpoints" / "0" / "state").is_dir() and not (out / "checkpoints" / "0" / "data").exists()
     assert json.loads((out / "config.json").read_text())["model"]["num_blocks"] == cfg["num_blocks"]
-    model, variables, config = tarflow_jax.load(str(out))
+    flow = tarflow_jax.load(str(out))
+    model, variables, config = flow.model, flow.variables, flow.config
     assert config.model.width == cfg["channels"] and model.num_classes == cfg["num_classes"]
-    z, logdet = model.apply(variables, data["x"], data["y"])
+    z, logdet = flow.encode(data["x"], data["y"])
     assert np.abs(np.asarray(z) - data["z"]).max() <= 1e-4
     n = np.prod(data["x"].shape[1:])
     assert np.abs(np.asarray(logdet) - data["logdet_mean"] * n).max() <= 1e-5 * n
     # digits keeps an EMA: it starts as the converted weights themselves.
-    _, raw, _ = tarflow_jax.load(str(out), use_ema=False)
+    raw = tarflow_jax.load(str(out), use_ema=False).variables
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(raw)):
         np.testing.assert_array_equal(a, b)
     record = json.loads((out / "converted_from.json").read_text())
@@ -120,9 +121,9 @@ def test_cli_vp_prior_and_no_ema(parity_path, tmp_path, capsys):
                                  f"--out={tmp_path / 'vp'}", "--config.ema_decay=0", *model_overrides(cfg))
     assert code == 0, err
     assert "--mode=sample" in out
-    model, variables, _ = tarflow_jax.load(str(tmp_path / "vp"))
-    np.testing.assert_array_equal(variables["prior"]["var"], state["var"])
-    z, _ = model.apply(variables, data["x"])
+    flow = tarflow_jax.load(str(tmp_path / "vp"))
+    np.testing.assert_array_equal(flow.variables["prior"]["var"], state["var"])
+    z, _ = flow.model.apply(flow.variables, data["x"])
     assert np.abs(np.asarray(z) - data["z"]).max() <= 1e-4
 
 

@@ -14,6 +14,7 @@ LAYERS = [
     {"sampling"},
     {"flow"},
     {"configlib", "convert"},
+    {"distrax_compat", "nnx_compat", "trained"},
     {"workdir"},
     {"checkpointing", "__init__"},
     {"input_pipeline", "train_state"},

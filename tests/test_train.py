@@ -109,8 +109,9 @@ def test_main_end_to_end(digits_run):
 
 def test_load_trained_flow(digits_run):
     workdir, _ = digits_run
-    model, variables, config = tarflow_jax.load(str(workdir))
-    _, raw, _ = tarflow_jax.load(str(workdir), use_ema=False)
+    flow = tarflow_jax.load(str(workdir))
+    model, variables, config = flow.model, flow.variables, flow.config
+    raw = tarflow_jax.load(str(workdir), use_ema=False).variables
     assert isinstance(model, TarFlow) and config.dataset.name == "digits"
     x = jnp.zeros((2, 8, 8, 1))
     z, logdet = model.apply(variables, x, jnp.array([1, 2]))
@@ -127,12 +128,13 @@ import jax, jax.numpy as jnp, numpy as np
 import tarflow_jax
 
 workdir = sys.argv[1]
-model, variables, config = tarflow_jax.load(workdir)
-z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-x = model.apply(variables, z, jnp.array([1, 2]), method=tarflow_jax.TarFlow.reverse)
+flow = tarflow_jax.load(workdir)
+variables = flow.variables
+x = flow.sample(jax.random.key(0), 2, jnp.array([1, 2]))
 nbytes = lambda tree: sum(a.nbytes for a in jax.tree.leaves(tree))
-heavy = ("optax", "clu", "grain", "tensorflow", "tensorflow_datasets")
-ours = ("tarflow_jax.train", "tarflow_jax.train_state", "tarflow_jax.input_pipeline", "tarflow_jax.tools")
+heavy = ("optax", "clu", "grain", "tensorflow", "tensorflow_datasets", "distrax", "tensorflow_probability")
+ours = ("tarflow_jax.train", "tarflow_jax.train_state", "tarflow_jax.input_pipeline", "tarflow_jax.tools",
+        "flax.nnx")
 print("PROBE " + json.dumps({
     "imported": sorted(m for m in sys.modules if m.split(".")[0] in heavy or m.startswith(ours)),
     "keys": sorted(variables), "prior": sorted(variables["prior"]),

@@ -27,8 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tarflow_jax import checkpointing, configlib, train_state, workdir as workdir_lib
-from tarflow_jax.convert import (config_mismatches, describe_mismatches, from_torch_state_dict,
-                                 infer_model_fields, load_state_dict)
+from tarflow_jax.convert import config_mismatches, convert_for_config, infer_model_fields, load_state_dict
 from tarflow_jax.flow import count_params
 from tarflow_jax.tools import cli
 
@@ -118,22 +117,9 @@ def convert_checkpoint(torch_checkpoint: str | os.PathLike | Mapping[str, Any],
     source = os.fspath(torch_checkpoint) if isinstance(torch_checkpoint, (str, os.PathLike)) else "state dict"
     _check_no_checkpoints(out)
     state = load_state_dict(torch_checkpoint)
-    mismatches = config_mismatches(state, configlib.model_kwargs(config))
-    if not mismatches:
-        train_state.validate_config(config)
-    variables, error = None, None
-    try:
-        variables = from_torch_state_dict(state, train_state.create_model(config))
-    except ValueError as e:  # a wrong shape or key, or a config TarFlow itself rejects
-        error = e
-    if mismatches or error is not None:
-        lines = [f"checkpoint {source!r} does not fit the config's model"]
-        if mismatches:
-            lines[0] += f"; wrong field{'s' if len(mismatches) > 1 else ''}:"
-            lines.append(describe_mismatches(mismatches))
-        if error is not None:
-            lines.append(f"  {'first mismatch: ' if mismatches else ''}{error}")
-        raise ValueError("\n".join(lines))
+    if not config_mismatches(state, configlib.model_kwargs(config)):
+        train_state.validate_config(config)  # e.g. a width the head dim does not divide
+    variables = convert_for_config(state, config, source)
     num_params = count_params(variables["params"])
     inferred = infer_model_fields(state)
     del state
