@@ -59,8 +59,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         ``config.model.attention`` is checked against it (``layers.check_attention``).
 
     Raises:
-      ValueError: naming the first inconsistent field and what it must be.
+      ValueError: naming the first inconsistent or out-of-range field and what it must be
+        (sizes, steps, rates, decays, sampling options, the dtype; the mesh when
+        ``num_devices`` is given).
     """
+    _check_ranges(config)  # first: the checks below divide by some of these
     m, d = config.model, config.dataset
     if d.image_size % m.patch_size:
         raise ValueError(f"config.dataset.image_size={d.image_size} is not divisible by "
@@ -101,6 +104,57 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         if heads % shape["tensor"]:
             raise ValueError(f"config.mesh.tensor={shape['tensor']} does not divide the "
                              f"{heads} attention heads")
+
+
+# (config field, test, what it must be): checked by validate_config; NaN fails every test.
+_POSITIVE = "a positive integer"
+_RANGES = (
+    ("eval.batch_size", lambda v: v > 0, _POSITIVE), ("eval.num_draws", lambda v: v > 0, _POSITIVE),
+    ("sample.batch_size", lambda v: v > 0, _POSITIVE), ("sample.num_samples", lambda v: v > 0, _POSITIVE),
+    ("sample.grid_size", lambda v: v > 0, _POSITIVE), ("keep_checkpoints", lambda v: v > 0, _POSITIVE),
+    ("dataset.image_size", lambda v: v > 0, _POSITIVE), ("model.patch_size", lambda v: v > 0, _POSITIVE),
+    ("model.width", lambda v: v > 0, _POSITIVE), ("model.num_blocks", lambda v: v > 0, _POSITIVE),
+    ("model.layers_per_block", lambda v: v > 0, _POSITIVE), ("model.head_dim", lambda v: v > 0, _POSITIVE),
+    ("model.expansion", lambda v: v > 0, _POSITIVE),
+    ("warmup_steps", lambda v: v >= 0, ">= 0"), ("max_consecutive_skips", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("data_workers", lambda v: v >= 0, ">= 0"), ("model.num_classes", lambda v: v >= 0, ">= 0 (0: unconditional)"),
+    ("dataset.channels", lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
+    ("dataset.num_levels", lambda v: v >= 2, ">= 2"),
+    ("min_learning_rate", lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    ("b1", lambda v: 0 <= v < 1, "in [0, 1)"), ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    ("grad_clip_norm", lambda v: 0 <= v < math.inf, "finite and >= 0 (0 disables)"),
+    ("noise_std", lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    ("max_skipped_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (0: never)"),
+    ("learning_rate", lambda v: v < math.inf, "finite"),
+    ("sample.guidance", math.isfinite, "finite (negative moves toward the unguided model)"),
+    ("sample.attn_temp", lambda v: 0 < v < math.inf, "finite and > 0"),
+    ("sample.denoise_scale", math.isfinite, "finite"),
+    ("sample.guide_what", lambda v: v in ("a", "b", "ab"), "'a', 'b' or 'ab'"),
+    ("sample.solver", lambda v: v in ("cached", "jacobi", "uncached"), "'cached', 'jacobi' or 'uncached'"),
+    ("dataset.resize", lambda v: v in (None, "center_crop"), "None or 'center_crop'"),
+)
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    for path, ok, what in _RANGES:
+        node = config
+        for part in path.split("."):
+            node = node.get(part) if node is not None and hasattr(node, "get") else None
+        if node is None and path != "dataset.resize":
+            continue  # a field this config does not have
+        if not ok(node):
+            raise ValueError(f"config.{path}={node!r} must be {what}")
+    if not config.min_learning_rate <= config.learning_rate:
+        raise ValueError(f"config.min_learning_rate={config.min_learning_rate} must be <= "
+                         f"config.learning_rate={config.learning_rate}")
+    try:
+        dtype = jnp.dtype(config.model.get("dtype", "float32"))
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"config.model.dtype={config.model.get('dtype')!r} must name a floating-point "
+                         f"dtype ('float32', 'bfloat16')")
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:

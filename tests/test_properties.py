@@ -479,7 +479,7 @@ def test_config_validator(changes):
 
 
 @pytest.mark.slow
-@MANY
+@settings(max_examples=400, **COMMON)  # cheap: nothing is compiled
 @given(changes=config_overrides())
 def test_config_validator_many(changes):
     check_config(changes)

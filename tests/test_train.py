@@ -221,7 +221,8 @@ def test_skipped_step_keeps_state(tmp_path):
     tx, schedule = train_state.create_optimizer(config)
     state, _ = train_state.create_train_state(config, model, tx, sharding.create_mesh(config.mesh))
     batch = {"image": jnp.zeros((8, 8, 8, 1), jnp.uint8), "label": jnp.zeros((8,), jnp.int32)}
-    new, metrics = train.train_step(state, batch, model=model, tx=tx, schedule=schedule, config=config)
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config))
+    new, metrics = step(state, batch)  # jitted, as in training (eager calls refuse NaN images)
     assert int(metrics["skipped"]) == 1 and int(new.consecutive_skips) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
         np.testing.assert_array_equal(a, b)
