@@ -78,9 +78,9 @@ def wait(procs, timeout: float = 900) -> list[str]:
     return logs
 
 
-def run_two_processes(workdir: pathlib.Path, num_train_steps: int, *extra: str) -> list[str]:
+def run_two_processes(workdir: pathlib.Path, num_train_steps: int, *extra: str, tag: str = "") -> list[str]:
     """Starts processes 0 and 1 of one job; returns their logs (stderr)."""
-    return wait(launch(workdir, 2, num_train_steps, *extra))
+    return wait(launch(workdir, 2, num_train_steps, *extra, tag=tag))
 
 
 def losses(log: str) -> dict[int, str]:
@@ -174,7 +174,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere(tmp_path):
     assert 2 <= step < steps and step_dirs(interrupted) == [step]
     assert "finished at step" in logs[0] and "test bits/dim" not in logs[0]  # stopped early, no final eval
 
-    resumed = run_two_processes(interrupted, steps, *flags)
+    resumed = run_two_processes(interrupted, steps, *flags, tag="_resumed")
     assert all(f"Resumed from step {step} " in log for log in resumed)
     straight = tmp_path / "straight"
     reference = run_two_processes(straight, steps, *flags)
