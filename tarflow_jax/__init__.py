@@ -26,9 +26,10 @@ def load(source: str | os.PathLike | Mapping[str, Any], use_ema: bool = True, st
     """A trained flow as a :class:`TrainedFlow`, from any of the forms a user holds.
 
     * a **workdir** of ``python -m tarflow_jax.main`` or of the convert tool
-      (``python -m tarflow_jax.tools.convert``): its config and, from the latest (or
+      (``python -m tarflow_jax.tools.convert``): its config and, from the newest intact (or
       ``step``) checkpoint, only the parameters (EMA ones when kept and ``use_ema``) and the
-      prior variance (:func:`tarflow_jax.checkpointing.load`);
+      prior variance, checked against the fingerprints saved with them
+      (:func:`tarflow_jax.checkpointing.load`);
     * the authors' **``.pth`` file** (or a reference state dict) with ``config=`` describing
       its model, e.g. ``load("afhq_model_8_768_8_8_0.07.pth", config="configs/afhq256.py")``:
       converted in memory (:func:`tarflow_jax.convert.convert_for_config`; needs PyTorch);
@@ -49,6 +50,7 @@ def load(source: str | os.PathLike | Mapping[str, Any], use_ema: bool = True, st
       FileNotFoundError: no workdir/config.json/checkpoint or no such file.
       ValueError: a ``.pth``/variables given without ``config`` or ``model``; weights that do
         not fit the config (the wrong config fields are named).
+      checkpointing.DamagedCheckpointError: the given ``step``, or every step, is damaged.
     """
     if isinstance(config, (str, os.PathLike)):
         config = configlib.from_file(config)

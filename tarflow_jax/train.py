@@ -211,6 +211,22 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """A barrier of the distributed runtime's coordination service (no device collective).
+
+    Hosts reach the first collective at different times after start-up (data checks,
+    compiles, process 0's writes); on CPU the first collective sets up a gloo context with a
+    30 s deadline, so waiting here first keeps a slow host from failing the job.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
+    client = getattr(distributed.global_state, "client", None)
+    if client is not None:
+        client.wait_at_barrier(f"tarflow_{name}", timeout_in_ms=timeout_s * 1000)
+
+
 def _state_bytes(config: ml_collections.ConfigDict, model: TarFlow, tx: optax.GradientTransformation) -> int:
     """Bytes of one checkpoint of the train state (uncompressed), from shapes only (nothing compiled)."""
     init_fn = functools.partial(init_state, model=model, tx=tx, config=config)
@@ -283,6 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     with sharding.mesh_context(mesh):
         state, state_shardings = create_train_state(config, model, tx, mesh)
+        _wait_for_all_processes("before_checkpoints")  # start-up work differs per host
         manager = checkpointing.create_manager(workdir, config)
         resumed = checkpointing.restore_newest_intact(manager, state)
         examples_seen = 0

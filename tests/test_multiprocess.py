@@ -24,8 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-import tarflow_jax
-from tarflow_jax import input_pipeline, sharding, train, train_state
+from tarflow_jax import checkpointing, input_pipeline, sharding, train, train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOSS = re.compile(r"\] \[(\d+)\] .*[ ,]loss=([-+0-9.eE]+)")
@@ -140,7 +139,7 @@ def step_dirs(workdir: pathlib.Path) -> list[int]:
 def assert_same_variables(a: pathlib.Path, b: pathlib.Path, exact: bool) -> None:
     """The raw and EMA parameters and the prior of two runs' newest checkpoints agree."""
     for use_ema in (False, True):
-        va, vb = (jax.device_get(tarflow_jax.load(str(w), use_ema=use_ema)[1]) for w in (a, b))
+        va, vb = (jax.device_get(checkpointing.load(str(w), use_ema=use_ema)[1]) for w in (a, b))
         for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
             if exact:
                 np.testing.assert_array_equal(x, y)
