@@ -1,7 +1,7 @@
 """CI helper: setup.cfg's lower bounds as pip constraints, and a report of what an env resolved.
 
     python .ci/versions.py constraints            # "jax==0.10.2" ... one per lower bound
-    python .ci/versions.py requirements           # "jax>=0.10.2" ... (install_requires + extras)
+    python .ci/versions.py requirements           # "jax>=0.10.2" ... (install_requires + test extra)
     python .ci/versions.py report                 # key packages and the Python of this env
     python .ci/versions.py report --lower-bounds  # ... and exit 1 unless each equals its bound
     python .ci/versions.py newest-python          # path of the newest CPython 3 here (> 3.11)
@@ -25,7 +25,8 @@ from importlib import metadata
 SETUP_CFG = pathlib.Path(__file__).resolve().parents[1] / "setup.cfg"
 # What the README and the CI log name; the rest come with these.
 KEY_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "ml-collections",
-                "tensorflow-cpu", "tensorflow-datasets", "numpy", "scipy", "torch", "torchvision", "pytest")
+                "tensorflow-cpu", "tensorflow-datasets", "numpy", "scipy", "torch", "torchvision", "libtpu",
+                "pytest")
 _REQ = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(>=|==)\s*([^,;\s]+)\s*$")
 
 
@@ -33,19 +34,19 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirements(path: pathlib.Path = SETUP_CFG) -> list[str]:
-    """The requirement lines of setup.cfg's ``install_requires`` and of every extra."""
+def requirements(path: pathlib.Path = SETUP_CFG, extra: str = "test") -> list[str]:
+    """The requirement lines of setup.cfg's ``install_requires`` and of ``extra``: what
+    ``pip install -e '.[test]'`` asks for."""
     cfg = configparser.ConfigParser()
     cfg.read(path)
     lines = cfg["options"]["install_requires"].splitlines()
-    for extra in cfg["options.extras_require"].values():
-        lines += extra.splitlines()
+    lines += cfg["options.extras_require"][extra].splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 
 def lower_bounds(path: pathlib.Path = SETUP_CFG) -> dict[str, str]:
     """``{normalized name: version}`` for every ``name>=version`` / ``name==version`` requirement
-    of setup.cfg's ``install_requires`` and its extras.
+    of setup.cfg's ``install_requires`` and its ``test`` extra.
 
     Raises:
       ValueError: a requirement has no lower bound (CI could not say which version it tests).
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("constraints", help="print 'name==lower bound' lines for pip -c / PIP_CONSTRAINT")
-    sub.add_parser("requirements", help="print setup.cfg's requirement lines (extras included)")
+    sub.add_parser("requirements", help="print setup.cfg's requirement lines (with the test extra's)")
     report = sub.add_parser("report", help="print the versions this env resolved")
     report.add_argument("--lower-bounds", action="store_true",
                         help="exit 1 unless every requirement is installed at its lower bound")
