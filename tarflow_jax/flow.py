@@ -496,23 +496,61 @@ class TarFlow(nn.Module):
                 blk, block_params = blk.clone(scan_layers=False), unstack_layers(block_params)
             predict = functools.partial(blk.apply, {"params": block_params}, method=MetaBlock.predict)
             xp = blk.permute(x)
-            if solver == "cached":
+            if solver == "cached" or (solver == "jacobi" and k in plan.sequential):
                 segments = _cache_segments(self.num_tokens, cache_segments,
                                            self.num_blocks * self.layers_per_block)
                 decoder = BlockDecoder(blk, nn.meta.unbox(block_params), segments)
                 xp = sampling.reverse_cached(decoder, xp, y, guide)
+                iterations[k] = jnp.zeros((1,), jnp.int32)  # sequential: no Jacobi iterations
             elif solver == "uncached":
                 xp = sampling.reverse_uncached(predict, xp, y, guide)
             else:
                 xp, iterations[k] = sampling.reverse_jacobi(
                     predict, xp, y, guide, cache_shape, self.dtype, plan.for_block(k, self.num_tokens),
-                    plan.tol, plan.init)
+                    plan.tol, plan.init_for_block(k))
             x = blk.permute(xp)
         x = unpatchify(x, self.img_size, self.patch_size, self.in_channels)
         if not return_iterations:
             return x
         width = max(int(it.shape[0]) for it in iterations)
         return x, jnp.stack([jnp.pad(it, (0, width - it.shape[0])) for it in iterations])
+
+    def jacobi_probe(self, x: jax.Array, y: jax.Array | None, tol: float, init: str
+                     ) -> tuple[jax.Array, jax.Array]:
+        """Per block, the Jacobi iterations its inverse needs on the forward pass of ``x``.
+
+        Runs the forward pass, then for every block the plain (one-segment, unguided) Jacobi
+        iteration from guess ``init`` toward that block's known input (see
+        :func:`tarflow_jax.sampling.jacobi_probe`). :meth:`JacobiPlan.from_forward
+        <tarflow_jax.sampling.JacobiPlan.from_forward>` ranks the blocks with it.
+
+        Args:
+          x: images ``(B, H, W, C)`` in ``[-1, 1]``.
+          y: int ``(B,)`` labels or ``None``.
+          tol: stopping bound on the largest change between iterates.
+          init: initial guess, ``"z"`` or ``"zeros"``.
+
+        Returns:
+          ``(iterations, max_abs_error)``: int32 ``(num_blocks,)`` and float32
+          ``(num_blocks,)`` in forward-pass block order.
+        """
+        self.check_images(x)
+        self.check_labels(y, x.shape[0])
+        if init not in sampling.JACOBI_INITS:
+            raise ValueError(f"init must be one of {sampling.JACOBI_INITS}; got {init!r}")
+        wide = float32_or_wider(self.dtype)
+        h = patchify(x.astype(wide), self.patch_size)
+        params = self.variables["params"]
+        counts, errors = [], []
+        for k, blk in enumerate(self.blocks):
+            z, _ = blk(h, y)
+            unbound = self.block(k, parent=None)
+            predict = functools.partial(unbound.apply, {"params": params[f"blocks_{k}"]}, method=MetaBlock.predict)
+            n, err = sampling.jacobi_probe(predict, blk.permute(h), blk.permute(z), y, tol, init)
+            counts.append(n)
+            errors.append(err)
+            h = z
+        return jnp.stack(counts), jnp.stack(errors)
 
     def denoise(self, x: jax.Array, y: jax.Array | None, noise_std: float,
                 step_scale: float = 1.0) -> jax.Array:

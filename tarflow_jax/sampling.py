@@ -10,10 +10,12 @@ token.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tarflow_jax.layers import init_cache
 
@@ -90,28 +92,37 @@ class Guidance:
 class JacobiPlan:
     """How the Jacobi inverse solves each block.
 
-    Each field is one value for every block or a sequence with one value per block
-    (block index as in the forward pass):
+    Each of ``segments``, ``max_iters`` and ``init`` is one value for every block or a
+    sequence with one value per block (block index as in the forward pass):
     * ``segments``: number of equal token segments solved in order (1 = plain Jacobi);
     * ``max_iters``: iteration cap per segment (``None``: the segment length, where the
       solution is exact);
     * ``tol``: stop a segment once the largest change between iterates is ``<= tol``;
-    * ``init``: initial guess, ``"z"`` (the block's input) or ``"zeros"`` (after token 0).
+    * ``init``: initial guess, ``"z"`` (the block's input) or ``"zeros"`` (after token 0);
+    * ``sequential``: blocks solved by the exact cached token loop instead (the "tough"
+      blocks of GS-Jacobi, where iterating costs more than the sequential pass).
+
+    :meth:`from_forward` chooses all of these from a forward pass.
     """
 
     segments: int | Sequence[int] = 1
     max_iters: int | None | Sequence[int | None] = None
     tol: float = 1e-5
-    init: str = "z"
+    init: str | Sequence[str] = "z"
+    sequential: Sequence[int] = ()
 
     def for_block(self, k: int, num_tokens: int) -> tuple[int, int | None]:
         """``(segments, max_iters)`` of block ``k``, segments clipped to the ``T-1`` solved tokens."""
         pick = lambda v: v[k] if isinstance(v, (list, tuple)) else v
         return min(int(pick(self.segments)), num_tokens - 1), pick(self.max_iters)
 
+    def init_for_block(self, k: int) -> str:
+        """The initial guess of block ``k``."""
+        return self.init[k] if isinstance(self.init, (list, tuple)) else self.init
+
     def check(self, num_blocks: int, num_tokens: int) -> None:
         """Raises a ValueError for a plan that does not fit the model."""
-        for name in ("segments", "max_iters"):
+        for name in ("segments", "max_iters", "init"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)) and len(value) != num_blocks:
                 raise ValueError(f"JacobiPlan.{name} has {len(value)} entries; the model has "
@@ -122,10 +133,63 @@ class JacobiPlan:
                 raise ValueError(f"JacobiPlan.segments must be >= 1; got {segments} for block {k}")
             if max_iters is not None and max_iters < 1:
                 raise ValueError(f"JacobiPlan.max_iters must be >= 1 or None; got {max_iters} for block {k}")
-        if self.init not in JACOBI_INITS:
-            raise ValueError(f"JacobiPlan.init must be one of {JACOBI_INITS}; got {self.init!r}")
+            if self.init_for_block(k) not in JACOBI_INITS:
+                raise ValueError(f"JacobiPlan.init must be one of {JACOBI_INITS}; got "
+                                 f"{self.init_for_block(k)!r} for block {k}")
+        bad = [k for k in self.sequential if not (isinstance(k, int) and 0 <= k < num_blocks)]
+        if bad:
+            raise ValueError(f"JacobiPlan.sequential names blocks {bad}; the model has blocks 0..{num_blocks - 1}")
         if not self.tol >= 0:
             raise ValueError(f"JacobiPlan.tol must be >= 0; got {self.tol}")
+
+    @classmethod
+    def from_forward(cls, model: Any, variables: Any, x: jax.Array, y: jax.Array | None = None, *,
+                     tol: float = 1e-5, break_even_iters: float | None = None, margin: float = 1.5,
+                     ) -> tuple["JacobiPlan", dict[str, Any]]:
+        """A plan chosen from a forward pass (GS-Jacobi's convergence ranking and initial guess).
+
+        The forward pass of ``x`` gives every block's true input and output. From that
+        output, each block's Jacobi iteration is run as the solver would run it (unguided,
+        one segment, stopping at ``tol``) from each initial guess; the iterations it takes
+        rank the blocks (the convergence ranking) and pick each block's guess (the
+        initial-guess metric: the one needing fewer iterations). A block whose count
+        exceeds ``break_even_iters`` is "tough" and goes to the exact sequential loop
+        (``sequential``); the others iterate, capped at ``margin`` times their count.
+
+        Args:
+          model: the :class:`~tarflow_jax.flow.TarFlow`.
+          variables: its variables.
+          x: images ``(B, H, W, C)`` in ``[-1, 1]`` representative of what is sampled (e.g.
+            training images, or earlier samples); a handful suffices.
+          y: their labels (conditional models), or ``None``.
+          tol: the plan's stopping bound (largest change between iterates, pixels).
+          break_even_iters: how many Jacobi iterations of a block cost as much as its
+            sequential cached pass on the target machine and batch (``python -m
+            tarflow_jax.tools.benchmark --what=sample,jacobi --jacobi_auto`` measures it);
+            ``None``: never sequential.
+          margin: the cap per block is ``ceil(margin · iterations)`` (at most ``T − 1``).
+
+        Returns:
+          ``(plan, report)``: the report holds, per block (forward-pass order), the
+          ``iterations`` each initial guess needed (``{"z": [...], "zeros": [...]}``), the
+          ``max_abs_error`` from the true block input after stopping, and the chosen
+          ``init`` and ``sequential`` blocks.
+        """
+        counts, errors = {}, {}
+        for init in JACOBI_INITS:
+            n, err = model.apply(variables, x, y, tol, init, method=type(model).jacobi_probe)
+            counts[init], errors[init] = np.asarray(n).tolist(), np.asarray(err).tolist()
+        num_blocks, limit = len(counts["z"]), model.num_tokens - 1
+        inits = [min(JACOBI_INITS, key=lambda i: (counts[i][k], JACOBI_INITS.index(i)))
+                 for k in range(num_blocks)]
+        best = [counts[inits[k]][k] for k in range(num_blocks)]
+        sequential = tuple(k for k in range(num_blocks)
+                           if break_even_iters is not None and best[k] > break_even_iters)
+        caps = [min(limit, max(1, math.ceil(margin * n))) for n in best]
+        plan = cls(segments=1, max_iters=tuple(caps), tol=tol, init=tuple(inits), sequential=sequential)
+        report = {"iterations": counts, "max_abs_error": errors, "init": inits, "best_iterations": best,
+                  "sequential": list(sequential), "break_even_iters": break_even_iters, "max_iters": caps}
+        return plan, report
 
 
 def segment_bounds(num_tokens: int, num_segments: int) -> list[int]:
@@ -241,3 +305,34 @@ def reverse_jacobi(predict: Predict, zp: jax.Array, y: jax.Array | None, guide: 
         iterations.append(n)
     return x, jnp.stack(iterations)
 
+
+
+def jacobi_probe(predict: Predict, xp_true: jax.Array, zp: jax.Array, y: jax.Array | None, tol: float,
+                 init: str) -> tuple[jax.Array, jax.Array]:
+    """Iterations plain Jacobi needs on one block whose true input is known, and its final error.
+
+    ``xp_true``/``zp`` are the block's permuted input and output ``(B, T, D)`` from a
+    forward pass; the iteration is the solver's (one segment, unguided, full sequence
+    without cache, stop when the largest change is ``<= tol``, at most ``T - 1``).
+
+    Returns:
+      ``(iterations, max_abs_error)``: int32 and float32 scalars, the error being
+      ``max |x − xp_true|`` at the stop.
+    """
+    batch, num_tokens, _ = zp.shape
+    temp = jnp.ones((batch,), jnp.float32)
+    x0 = zp if init == "z" else zp.at[:, 1:].set(0.0)
+
+    def cond(carry):
+        _, delta, i = carry
+        return (i < num_tokens - 1) & (delta > tol)
+
+    def body(carry):
+        x, _, i = carry
+        a, b, _ = predict(x[:, :-1], y, temp)
+        new = zp[:, 1:] * jnp.exp(a) + b
+        delta = jnp.max(jnp.abs(new - x[:, 1:]))
+        return x.at[:, 1:].set(new), delta, i + 1
+
+    x, _, n = jax.lax.while_loop(cond, body, (x0, jnp.float32(jnp.inf), jnp.int32(0)))
+    return n, jnp.max(jnp.abs(x - xp_true))

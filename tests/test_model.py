@@ -156,6 +156,37 @@ def test_jacobi_equals_cached(tiny_cond):
         np.testing.assert_allclose(jac, cached, atol=1e-4)
 
 
+def test_jacobi_plan_from_forward(tiny_cond):
+    """The plan ranks blocks by the iterations their Jacobi inverse needs on a forward pass."""
+    model, variables = tiny_cond
+    y = jnp.array([0, 1, 2])
+    x = model.apply(variables, jax.random.normal(jax.random.key(11), (3, 8, 8, 1)), y, method=TarFlow.reverse)
+    plan, report = JacobiPlan.from_forward(model, variables, x, y, tol=1e-5)
+    counts = report["iterations"]
+    assert set(counts) == {"z", "zeros"} and all(len(c) == model.num_blocks for c in counts.values())
+    for k in range(model.num_blocks):
+        best = min(counts["z"][k], counts["zeros"][k])
+        assert 1 <= best <= model.num_tokens - 1 and counts[plan.init[k]][k] == best
+        assert best <= plan.max_iters[k] <= model.num_tokens - 1
+        assert report["max_abs_error"][plan.init[k]][k] < 1e-4  # converged to the forward pass's input
+    assert plan.sequential == ()  # no break-even given: everything iterates
+    # blocks above the break-even go to the sequential loop; the samples still match
+    tough = int(np.argmax(report["best_iterations"]))
+    split, _ = JacobiPlan.from_forward(model, variables, x, y, break_even_iters=report["best_iterations"][tough] - 0.5)
+    assert tough in split.sequential
+    assert all(report["best_iterations"][k] > report["best_iterations"][tough] - 0.5 for k in split.sequential)
+    z = jax.random.normal(jax.random.key(12), (3, 8, 8, 1))
+    cached = model.apply(variables, z, y, method=TarFlow.reverse)
+    for p in (plan, split):
+        jac, iters = model.apply(variables, z, y, solver="jacobi", jacobi=p, return_iterations=True,
+                                 method=TarFlow.reverse)
+        np.testing.assert_allclose(jac, cached, atol=1e-4)
+        for k in p.sequential:
+            assert int(iters[k].sum()) == 0
+    with pytest.raises(ValueError, match="sequential"):
+        JacobiPlan(sequential=(5,)).check(model.num_blocks, model.num_tokens)
+
+
 def test_denoise_raises_likelihood(tiny_cond):
     model, variables = tiny_cond
     y = jnp.array([0, 1, 2, 0])

@@ -147,14 +147,22 @@ def flop_counts(model: TarFlow, batch: int) -> dict[str, float]:
     return {"forward": float(forward), "train": 3.0 * forward, "sample": float(sample)}
 
 
-def jacobi_flops(model: TarFlow, batch: int, segments: int, iterations: np.ndarray) -> float:
-    """Analytic FLOPs of a Jacobi inverse that ran ``iterations[k, s]`` iterations (block k, segment s)."""
+def jacobi_flops(model: TarFlow, batch: int, segments: int, iterations: np.ndarray,
+                 sequential: Sequence[int] = ()) -> float:
+    """Analytic FLOPs of a Jacobi inverse that ran ``iterations[k, s]`` iterations (block k, segment s).
+
+    Blocks in ``sequential`` ran the cached loop instead: one block's share of
+    ``flop_counts(...)["sample"]``.
+    """
     t, w, d, e = model.num_tokens, model.channels, model.token_dim, model.expansion
     out_dim = 2 * d if model.nvp else d
     token_layer = 2 * (4 + 2 * e) * w * w
     token_block = 2 * (d * w + w * out_dim)
     total = 0.0
     for k in range(model.num_blocks):
+        if k in sequential:
+            total += flop_counts(model, batch)["sample"] / model.num_blocks
+            continue
         bounds = sampling.segment_bounds(t, min(segments, t - 1))
         for s, (p0, p1) in enumerate(zip(bounds[:-1], bounds[1:])):
             size = p1 - p0
@@ -337,6 +345,29 @@ def bench_jacobi(model: TarFlow, variables: Any, z: jax.Array, reference: jax.Ar
     return out
 
 
+def bench_jacobi_auto(model: TarFlow, variables: Any, z: jax.Array, reference: jax.Array,
+                      sample: dict[str, Any], args: types.SimpleNamespace) -> dict[str, Any]:
+    """:meth:`JacobiPlan.from_forward` on this machine and batch, then timed like any plan.
+
+    The break-even (how many Jacobi iterations of a block cost one sequential cached pass
+    of it) is measured: the cached inverse's median time over that of a Jacobi inverse
+    capped at one iteration per block. The blocks are ranked on a forward pass of other
+    samples (the cached inverse of other latents), not of the timed ones.
+    """
+    one = bench_jacobi(model, variables, z, None, sampling.JacobiPlan(max_iters=1, tol=0.0), args.steps,
+                       args.warmup, args.guidance)
+    break_even = statistics.median(sample["times_s"]) / statistics.median(one["times_s"])
+    y = _labels(model, z.shape[0])
+    z_plan = jax.random.normal(jax.random.key(args.seed + 30), z.shape)
+    x_plan = jax.jit(lambda v, z, y: model.apply(v, z, y, method=TarFlow.reverse))(variables, z_plan, y)
+    plan, report = sampling.JacobiPlan.from_forward(model, variables, x_plan, y, tol=args.jacobi_tol,
+                                                    break_even_iters=break_even)
+    entry = bench_jacobi(model, variables, z, reference, plan, args.steps, args.warmup, args.guidance)
+    entry.update(break_even_iters=break_even, one_iteration_s=statistics.median(one["times_s"]),
+                 plan_report=report, sequential=list(plan.sequential))
+    return entry
+
+
 # ------------------------------------------------------------------------------- main
 USAGE = """\
 Benchmarks a TarFlow size: train step, likelihood pass, cached and Jacobi sampling.
@@ -371,6 +402,9 @@ def define_flags() -> flags.FlagValues:
     flags.DEFINE_integer("jacobi_max_iters", None, "Jacobi iteration cap per segment (default: exact).",
                          flag_values=fv)
     flags.DEFINE_enum("jacobi_init", "z", list(sampling.JACOBI_INITS), "Jacobi initial guess.", flag_values=fv)
+    flags.DEFINE_bool("jacobi_auto", False, "Also run JacobiPlan.from_forward: break-even iterations measured "
+                      "here (cached time / one Jacobi iteration's time), blocks ranked on other samples.",
+                      flag_values=fv)
     flags.DEFINE_float("guidance", 0.0, "Sampling guidance weight (doubles the batch).", flag_values=fv)
     flags.DEFINE_float("head_std", 0.02, "Std of the randomised output heads.", flag_values=fv)
     flags.DEFINE_string("reference", None, "Folder of the authors' transformer_flow.py (apple/ml-tarflow): time "
@@ -495,6 +529,13 @@ def run(args: types.SimpleNamespace) -> dict[str, Any]:
                 if "sample" in res and "median_s" in entry:
                     entry["speedup_vs_cached"] = res["sample"]["median_s"] / entry["median_s"]
                 res[f"jacobi_s{segments}"] = entry
+            if args.jacobi_auto:
+                entry = bench_jacobi_auto(model, variables, z, reference, sample, args)
+                jf = jacobi_flops(model, rows, 1, np.asarray(entry["iterations"]), entry["sequential"])
+                _summarise(entry, args.batch, jf, peak)
+                if "median_s" in entry:
+                    entry["speedup_vs_cached"] = sample["median_s"] / entry["median_s"]
+                res["jacobi_auto"] = entry
     print(format_table(result))
     if args.out:
         with open(args.out, "w") as f:
@@ -528,6 +569,8 @@ def format_table(result: dict[str, Any]) -> str:
             notes.append(f"{e['ms_per_token_step']:.3f} ms/token step")
         if "total_iterations" in e:
             notes.append(f"{e['total_iterations']} iterations")
+        if e.get("sequential"):
+            notes.append(f"blocks {e['sequential']} sequential (break-even {e['break_even_iters']:.1f} iterations)")
         if "max_abs_diff_vs_cached" in e:
             notes.append(f"max|x-x_cached|={e['max_abs_diff_vs_cached']:.2e}")
         if "speedup_vs_cached" in e:
