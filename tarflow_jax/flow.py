@@ -331,11 +331,12 @@ class TarFlow(nn.Module):
             self.variable("prior", "var", jnp.ones, (self.num_tokens, self.token_dim), jnp.float32)
 
     # ------------------------------------------------------------------ checks
-    def check_images(self, x: Any, what: str = "x") -> None:
+    def check_images(self, x: Any, what: str = "x", *, floating: bool = True) -> None:
         """Checks that ``x`` is a float ``(B, img_size, img_size, in_channels)`` batch, ``B >= 1``.
 
         Values are checked only when concrete (not under ``jit``): NaN or inf is refused,
-        since every output would silently be NaN.
+        since every output would silently be NaN. ``floating=False`` checks the shape only
+        (for integer pixel batches, whose dtype and range the caller checks).
 
         Raises:
           TypeError: not a floating-point array.
@@ -351,6 +352,8 @@ class TarFlow(nn.Module):
                              f"{expected} (img_size={self.img_size}, in_channels={self.in_channels})")
         if shape[0] < 1:
             raise ValueError(f"{what} holds no images (batch size 0); pass at least one")
+        if not floating:
+            return
         dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{what} must be floating-point images in [-1, 1]; got dtype {dtype} (integer "

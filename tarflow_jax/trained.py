@@ -284,10 +284,11 @@ class TrainedFlow:
 
     # ------------------------------------------------------------------ checks
     def _images(self, x: Any, what: str = "x") -> jax.Array:
-        self.model.check_images(x, what)
+        self.model.check_images(x, what, floating=False)
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise ValueError(f"{what} must be float images in [-1, 1]; got dtype {jnp.result_type(x)} "
                              f"(integer pixels go to bits_per_dim, or scale them first)")
+        self.model.check_images(x, what)
         return x
 
     def _labels(self, y: Any, batch: int) -> jax.Array | None:
@@ -373,7 +374,7 @@ class TrainedFlow:
           ValueError: non-integer pixels, values outside ``0 .. num_levels-1`` (checked when
             concrete), ``num_draws < 1``, or bad shapes/labels.
         """
-        self.model.check_images(pixels, "pixels")
+        self.model.check_images(pixels, "pixels", floating=False)
         if not jnp.issubdtype(jnp.result_type(pixels), jnp.integer):
             raise ValueError(f"pixels must be integer images in 0..{self.num_levels - 1} (this flow's "
                              f"num_levels={self.num_levels}); got dtype {jnp.result_type(pixels)}")

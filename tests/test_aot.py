@@ -357,5 +357,10 @@ def test_paper_config_train_step_fits(name, topology):
     report = aot.dry_run(_config(name), aot.parse_topology(topology), programs=["train"], log=lambda s: None)
     program = report["programs"][0]
     assert program["fits"], program
+    # FSDP gradients leave the backward pass scattered: as reduce-scatters, or (on larger
+    # meshes, where the TPU compiler decomposes them) as collective-permute rings. What is
+    # still all-reduced (norm scales, biases, the loss) is a small fraction of the weights.
     coll = program["hlo"]["collectives"]
-    assert coll["reduce-scatter"]["bytes"] > coll.get("all-reduce", {"bytes": 0})["bytes"]
+    get = lambda kind: coll.get(kind, {"bytes": 0})["bytes"]
+    scattered = get("reduce-scatter") + get("collective-permute")
+    assert scattered > 10 * get("all-reduce"), coll

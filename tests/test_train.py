@@ -136,7 +136,8 @@ heavy = ("optax", "clu", "grain", "tensorflow", "tensorflow_datasets", "distrax"
 ours = ("tarflow_jax.train", "tarflow_jax.train_state", "tarflow_jax.input_pipeline", "tarflow_jax.tools",
         "flax.nnx")
 print("PROBE " + json.dumps({
-    "imported": sorted(m for m in sys.modules if m.split(".")[0] in heavy or m.startswith(ours)),
+    "imported": sorted(m for m in sys.modules if m.split(".")[0] in heavy
+                       or any(m == o or m.startswith(o + ".") for o in ours)),
     "keys": sorted(variables), "prior": sorted(variables["prior"]),
     "finite": bool(np.isfinite(np.asarray(x)).all()),
     "returned_bytes": nbytes(variables), "live_bytes": sum(a.nbytes for a in jax.live_arrays()),

@@ -236,9 +236,9 @@ def test_errors_name_the_problem(cond_flow, uncond_flow):
         cond_flow.log_prob(jnp.zeros((2, 8, 8, 1), jnp.int32))
     with pytest.raises(ValueError, match="unconditional model"):
         uncond_flow.log_prob(images(uncond_flow), jnp.array([0, 1, 2]))
-    with pytest.raises(ValueError, match="< num_classes=3"):
+    with pytest.raises(ValueError, match=r"\[-1, num_classes=3\)"):
         cond_flow.log_prob(x, jnp.array([0, 3, 1]))
-    with pytest.raises(ValueError, match=">= -1"):
+    with pytest.raises(ValueError, match="got values from -2 to 1"):
         cond_flow.encode(x, jnp.array([0, -2, 1]))
     with pytest.raises(ValueError, match="must be integers"):
         cond_flow.log_prob(x, 1.5)
