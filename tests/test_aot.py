@@ -176,6 +176,7 @@ def test_splash_attention_equals_xla_forward_and_gradients_with_temperature():
         np.testing.assert_allclose(a, b, atol=2e-4 * max(1.0, float(jnp.max(jnp.abs(b)))), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_splash_attention_tiny_model_likelihood_and_gradient():
     kw = dict(img_size=16, in_channels=1, patch_size=1, channels=128, num_blocks=2, layers_per_block=1)
     x = jax.random.uniform(jax.random.key(2), (1, 16, 16, 1), minval=-1, maxval=1)
@@ -219,6 +220,7 @@ def test_attention_checks_before_compiling():
         train_state.validate_config(config, 1, "gpu")
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradients():
     h, temp, params = _layer_inputs(tokens=16, width=64, batch=2)
 

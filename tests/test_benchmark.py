@@ -18,6 +18,7 @@ from tarflow_jax.tools import benchmark
 from tarflow_jax.layers import unstack_layers
 
 
+@pytest.mark.slow
 def test_smoke_benchmark_writes_json(tmp_path):
     out = tmp_path / "smoke.json"
     result = benchmark.run(benchmark.parse_args([
@@ -104,6 +105,7 @@ def test_parse_args_flags():
         benchmark.parse_args(["benchmark", "--size=huge"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [0.0, 1.5])
 def test_scanned_sampling_matches_unscanned(guidance):
     kw = dict(img_size=8, in_channels=1, patch_size=2, channels=64, num_blocks=2, layers_per_block=3,

@@ -33,6 +33,7 @@ def results():
     return out
 
 
+@pytest.mark.slow
 def test_train_steps_match_one_device(results):
     ref = results["train"]["one_device"]["losses"]
     assert len(ref) == 3 and all(np.isfinite(ref)) and ref[0] != ref[2]
@@ -44,6 +45,7 @@ def test_train_steps_match_one_device(results):
         assert r["max_ema_diff"] < 2e-6 and r["max_opt_diff"] < 2e-6, name
 
 
+@pytest.mark.slow
 def test_large_arrays_are_sharded(results):
     shards = {name: results["train"][name]["shards"] for name in MESHES}
     for name, s in shards.items():
@@ -58,6 +60,7 @@ def test_large_arrays_are_sharded(results):
         assert shards[name]["ema_mlp_in"] == shards[name]["mlp_in"][1]
 
 
+@pytest.mark.slow
 def test_sharded_sampling_matches_one_device(results):
     s = results["sample"]
     assert s["std"] > 0.5  # a non-trivial sample
@@ -72,6 +75,7 @@ def test_sharded_sampling_matches_one_device(results):
     assert g["shape"] == [10, 8, 8, 1] and g["labels_equal"] and g["max_uint8_diff"] <= 1
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_matches_one_device(results):
     e = results["eval"]
     assert e["sharded"]["num_examples"] == e["one_device"]["num_examples"] == 297
@@ -79,6 +83,7 @@ def test_sharded_evaluation_matches_one_device(results):
         np.testing.assert_allclose(e[name]["bpd"], e["one_device"]["bpd"], rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(results):
     c = results["checkpoint"]
     assert c["fsdp2_to_one"]["src_devices"] == 8 and c["fsdp2_to_one"]["dst_devices"] == 1
