@@ -57,28 +57,6 @@ def torch_linear_init(fan_in: int) -> Callable[..., jax.Array]:
     return init
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def shard_cotangent(x: jax.Array, names: tuple) -> jax.Array:
-    """Identity whose gradient is constrained to the logical axes ``names`` (a no-op without axis rules).
-
-    Applied to a weight where a layer uses it, this makes the weight's gradient leave the
-    backward pass in the weight's own (e.g. FSDP-sharded) layout, so XLA reduce-scatters each
-    layer's gradient inside the backward loop instead of all-reducing it whole.
-    """
-    return x
-
-
-def _shard_cotangent_fwd(x, names):
-    return x, None
-
-
-def _shard_cotangent_bwd(names, _, g):
-    return (nn.with_logical_constraint(g, names),)
-
-
-shard_cotangent.defvjp(_shard_cotangent_fwd, _shard_cotangent_bwd)
-
-
 class DenseGeneral(nn.Module):
     """``y = x·W + b`` contracting ``axis`` of ``x``, like ``nn.DenseGeneral``, with its parameters created whole.
 
@@ -96,7 +74,6 @@ class DenseGeneral(nn.Module):
     axis: int | tuple[int, ...] = -1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    kernel_names: tuple | None = None  # logical axis names: the kernel's gradient keeps that layout
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,8 +84,6 @@ class DenseGeneral(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if self.kernel_names is not None:
-            kernel = shard_cotangent(kernel, tuple(self.kernel_names))
         out = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
         return out + jnp.reshape(bias, (1,) * (x.ndim - len(axis)) + features)
 
@@ -127,7 +102,6 @@ def dense(features, fan_in: int, names: tuple, *, axis=-1, dtype: Dtype, param_d
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init or torch_linear_init(fan_in), names),
         bias_init=nn.with_logical_partitioning(torch_linear_init(fan_in), names[-out_ndim:]),
-        kernel_names=tuple(names),
         name=name,
         **module_kwargs,
     )
