@@ -187,35 +187,28 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
-def check_and_restore(manager: ocp.CheckpointManager, step: int, target: Any,
-                      restore_data: bool = True) -> tuple[Any, Any, str | None]:
-    """Restores step ``step`` onto ``target`` and checks it: ``(state, data, problem)``.
+def _checked_restore(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]
+                     ) -> tuple[dict[str, Any] | None, str | None]:
+    """Restores ``items`` (a ``"state"`` item and others) of step ``step`` and checks them: ``(out, problem)``.
 
-    ``problem`` is None for an intact step, else what was wrong (a missing file, the
-    restore error, or the arrays whose bits differ from their saved fingerprints); the
-    processes agree on it. ``data`` is the data item (see ``input_pipeline.resume_position``),
-    or None when the step has none.
+    ``problem`` is None for an intact step, else what was wrong: a missing metadata file, the
+    restore error, or the restored state arrays whose bits differ from the fingerprints saved
+    with them (checked when the step has fingerprints); the processes agree on it. ``out``
+    holds the restored items, or None when there is a problem.
     """
     directory = epath.Path(manager.directory)
-    step_dir = _step_dir(directory, step)
-    problem, state, data = None, None, None
+    out, problem = None, None
     missing = missing_files(directory, step)
     if missing:
         problem = f"missing metadata file(s) {', '.join(missing)}"
     else:
-        items = {"state": ocp.args.StandardRestore(abstract_like(target))}
-        has_fingerprints = (step_dir / "fingerprints").is_dir()
-        if has_fingerprints:
+        items = dict(items)
+        if (_step_dir(directory, step) / "fingerprints").is_dir():
             items["fingerprints"] = ocp.args.JsonRestore()
-        legacy = _read_legacy_data(step_dir) if restore_data else None
-        if restore_data and legacy is None and (step_dir / "data").is_dir():
-            items["data"] = ocp.args.JsonRestore()
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**items))
-            state = restored["state"]
-            data = legacy if legacy is not None else (restored["data"] if "data" in items else None)
-            if has_fingerprints:
-                bad = fingerprint_mismatches(state, restored["fingerprints"])
+            out = manager.restore(step, args=ocp.args.Composite(**items))
+            if "fingerprints" in items:
+                bad = fingerprint_mismatches(out["state"], out["fingerprints"])
                 if bad:
                     problem = (f"{len(bad)} array(s) differ from the fingerprints saved with them "
                                f"(corrupted bytes), e.g. {bad[0]}")
@@ -223,7 +216,31 @@ def check_and_restore(manager: ocp.CheckpointManager, step: int, target: Any,
             problem = f"restore failed: {_first_line(e)}"
     if _any_process(problem is not None) and problem is None:
         problem = "another process could not restore it"
-    return state, data, problem
+    return (out if problem is None else None), problem
+
+
+def check_and_restore(manager: ocp.CheckpointManager, step: int, target: Any,
+                      restore_data: bool = True) -> tuple[Any, Any, str | None]:
+    """Restores step ``step`` onto ``target`` and checks it: ``(state, data, problem)``.
+
+    ``problem`` is None for an intact step, else what was wrong (a missing file, the
+    restore error, or the arrays whose bits differ from their saved fingerprints); the
+    processes agree on it, and ``state`` and ``data`` are None then. ``data`` is the data
+    item (see ``input_pipeline.resume_position``), or None when the step has none.
+    """
+    directory = epath.Path(manager.directory)
+    step_dir = _step_dir(directory, step)
+    items = {"state": ocp.args.StandardRestore(abstract_like(target))}
+    legacy = None
+    if restore_data and not missing_files(directory, step):
+        legacy = _read_legacy_data(step_dir)
+        if legacy is None and (step_dir / "data").is_dir():
+            items["data"] = ocp.args.JsonRestore()
+    out, problem = _checked_restore(manager, step, items)
+    if problem is not None:
+        return None, None, problem
+    data = legacy if legacy is not None else (out["data"] if "data" in items else None)
+    return out["state"], data, None
 
 
 def quarantine(directory: epath.Path, step: int, problem: str) -> epath.Path:
@@ -405,26 +422,7 @@ def load_with_step(workdir: str | epath.Path, use_ema: bool = True, step: int | 
 def _restore_params(manager: ocp.CheckpointManager, step: int, target: dict[str, Any]
                     ) -> tuple[dict[str, Any] | None, str | None]:
     """A partial restore of ``target``'s entries of the state item, checked like :func:`check_and_restore`."""
-    directory = epath.Path(manager.directory)
-    restored, problem = None, None
-    missing = missing_files(directory, step)
-    if missing:
-        problem = f"missing metadata file(s) {', '.join(missing)}"
-    else:
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        items = {"state": ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args)}
-        if (_step_dir(directory, step) / "fingerprints").is_dir():
-            items["fingerprints"] = ocp.args.JsonRestore()
-        try:
-            out = manager.restore(step, args=ocp.args.Composite(**items))
-            restored = out["state"]
-            if "fingerprints" in items:
-                bad = fingerprint_mismatches(restored, out["fingerprints"])
-                if bad:
-                    problem = (f"{len(bad)} array(s) differ from the fingerprints saved with them "
-                               f"(corrupted bytes), e.g. {bad[0]}")
-        except Exception as e:  # noqa: BLE001 - any failure to read the step marks it damaged
-            problem = f"restore failed: {_first_line(e)}"
-    if _any_process(problem is not None) and problem is None:
-        problem = "another process could not restore it"
-    return (restored if problem is None else None), problem
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    out, problem = _checked_restore(manager, step, {
+        "state": ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args)})
+    return (out["state"] if out is not None else None), problem
