@@ -99,6 +99,9 @@ def test_parse_args_flags():
                                  "--dtype=bfloat16", "--peak_tflops=100", "--jacobi_segments=2,4"])
     assert (args.scan, args.remat, args.what, args.dtype, args.peak_tflops, args.jacobi_segments, args.batch) == (
         False, True, ["forward", "sample"], "bfloat16", 100.0, [2, 4], benchmark.DEFAULT_BATCH["small"])
+    assert benchmark.parse_args(["benchmark"]).scan is True  # the paper configs' setting
+    assert benchmark.parse_args(["benchmark", "--reference=/r"]).scan is False  # TarFlow's default
+    assert benchmark.parse_args(["benchmark", "--reference=/r", "--scan"]).scan is True
     with pytest.raises(flags.Error, match="--what"):
         benchmark.parse_args(["benchmark", "--what=train,bogus"])
     with pytest.raises(flags.Error):
@@ -157,6 +160,9 @@ def test_reference_comparison_runs_and_agrees(tmp_path):
     # one AdamW step of each program from the same weights on the same images: similar losses
     assert abs(ref["train"]["ours_first_loss"] - ref["train"]["theirs_first_loss"]) < 0.05
     assert "| train step, batch 4" in benchmark.benchmark_reference.format_reference(ref)
+    # without --scan the comparison builds TarFlow's default (unscanned) model and says so
+    assert result["scan"] is False and ref["model"]["scan_layers"] is False
+    assert "scan_layers=False" in benchmark.benchmark_reference.format_reference(ref)
 
 
 def test_reference_errors(tmp_path):

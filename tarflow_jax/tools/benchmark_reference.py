@@ -157,7 +157,8 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
       torch_threads: ``torch.set_num_threads`` (None: torch's default).
 
     Returns:
-      ``{"torch_version", "torch_threads", "agreement": {...}, "train"/"forward"/"sample":
+      ``{"torch_version", "torch_threads", "model": our scan_layers/remat/dtype, "agreement": {...},
+      "train"/"forward"/"sample":
       {ours/theirs times and medians in seconds, "ratio" = theirs ÷ ours}}``.
 
     Raises:
@@ -177,7 +178,9 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
     variables = from_torch_state_dict(ref.state_dict(), model)
     out: dict[str, Any] = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
                            "reference_file": os.path.abspath(module.__file__),
-                           "train_batch": train_batch, "sample_batch": sample_batch, "noise_std": noise_std}
+                           "train_batch": train_batch, "sample_batch": sample_batch, "noise_std": noise_std,
+                           "model": {"scan_layers": model.scan_layers, "remat": model.remat,
+                                     "dtype": jnp.dtype(model.dtype).name}}
 
     rng = np.random.default_rng(seed)
     shape = (train_batch, model.img_size, model.img_size, model.in_channels)
@@ -300,8 +303,10 @@ def _compare_train(model: TarFlow, config: Any, ref: Any, variables: Any, pixels
 
 def format_reference(result: dict[str, Any]) -> str:
     """A Markdown table of a side-by-side run."""
-    lines = [f"authors' PyTorch {result['torch_version']} ({result['torch_threads']} threads) vs tarflow_jax, "
-             "alternating, medians", "",
+    model = result.get("model", {})
+    ours = ", ".join(f"{k}={model[k]}" for k in ("scan_layers", "remat", "dtype") if k in model)
+    lines = [f"authors' PyTorch {result['torch_version']} ({result['torch_threads']} threads) vs tarflow_jax"
+             f"{f' ({ours})' if ours else ''}, alternating, medians", "",
              "| work | authors' PyTorch s | tarflow_jax s | ratio (their time ÷ ours) | notes |",
              "|---|---|---|---|---|"]
     names = {"train": f"train step, batch {result['train_batch']} (forward, backward, AdamW)",
