@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tarflow_jax import configlib, input_pipeline, sharding, workdir as workdir_lib
+from tarflow_jax import configlib, input_pipeline, sharding, workdir as workdir_lib, xla_cpu
 from tarflow_jax.flow import TarFlow
 from tarflow_jax.likelihood import bits_per_dim, dequantize
 
@@ -72,7 +72,7 @@ def jit_eval_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.s
         with configlib.matmul_precision(config):
             return sums(variables, batch, rng)
 
-    return jax.jit(step)
+    return jax.jit(step, compiler_options=xla_cpu.compiler_options("forward", mesh))
 
 
 def evaluate_bits_per_dim(model: TarFlow, variables: Any, config: ml_collections.ConfigDict,

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tarflow_jax import configlib, sharding, workdir as workdir_lib
+from tarflow_jax import configlib, sharding, workdir as workdir_lib, xla_cpu
 from tarflow_jax.flow import TarFlow
 
 
@@ -50,7 +50,8 @@ def jit_sample_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax
         with configlib.matmul_precision(config):
             return reverse_per_device(variables, z, labels)
 
-    return jax.jit(draw, out_shardings=sharding.replicated(mesh))
+    return jax.jit(draw, out_shardings=sharding.replicated(mesh),
+                   compiler_options=xla_cpu.compiler_options("sample", mesh))
 
 
 def sharded_sample_fn(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

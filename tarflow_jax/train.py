@@ -15,7 +15,8 @@ import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from tarflow_jax import checkpointing, configlib, evaluate, generate, input_pipeline, sharding, workdir as workdir_lib
+from tarflow_jax import (checkpointing, configlib, evaluate, generate, input_pipeline, sharding,
+                         workdir as workdir_lib, xla_cpu)
 from tarflow_jax.flow import TarFlow, patchify
 from tarflow_jax.likelihood import add_noise, bits_per_dim_from_loss, dequantize, flow_loss, to_unit_range
 from tarflow_jax.train_state import (TrainState, abstract_train_state, create_model, create_optimizer,
@@ -137,7 +138,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: TarFlow,
                           param_shardings=state_shardings.params),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,))
+        donate_argnums=(0,), compiler_options=xla_cpu.compiler_options("train", mesh))
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int,

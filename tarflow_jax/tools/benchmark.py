@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from tarflow_jax import configlib, sampling, train, train_state
+from tarflow_jax import configlib, sampling, train, train_state, xla_cpu
 from tarflow_jax.flow import TarFlow, count_params
 from tarflow_jax.tools import cli
 from tarflow_jax.tools import benchmark_reference
@@ -270,7 +270,8 @@ def bench_train(model: TarFlow, batch: int, steps: int, warmup: int, compile_onl
     rng = jax.random.PRNGKey(seed)
     if compile_only:
         state_spec = jax.eval_shape(init_fn, rng)
-        compiled, lower_s, compile_s = compile_timed(step_fn, state_spec, batch_spec, donate_argnums=(0,))
+        compiled, lower_s, compile_s = compile_timed(step_fn, state_spec, batch_spec, donate_argnums=(0,),
+                                                     compiler_options=xla_cpu.compiler_options("train"))
         return {"lower_s": lower_s, "compile_s": compile_s, "compile_total_s": lower_s + compile_s,
                 "xla_flops": _xla_flops(compiled), "memory": _memory(compiled), "compile_only": True}
     state = jax.jit(init_fn)(rng)
@@ -278,7 +279,8 @@ def bench_train(model: TarFlow, batch: int, steps: int, warmup: int, compile_onl
     data = {"image": jnp.asarray(np_rng.integers(0, 256, shape, dtype=np.uint8))}
     if model.num_classes:
         data["label"] = jnp.asarray(np_rng.integers(0, model.num_classes, (batch,), dtype=np.int32))
-    compiled, lower_s, compile_s = compile_timed(step_fn, state, data, donate_argnums=(0,))
+    compiled, lower_s, compile_s = compile_timed(step_fn, state, data, donate_argnums=(0,),
+                                                 compiler_options=xla_cpu.compiler_options("train"))
     holder = {"state": state}
 
     def call():
@@ -300,7 +302,8 @@ def bench_forward(model: TarFlow, variables: Any, batch: int, steps: int, warmup
     x = jax.random.uniform(jax.random.key(seed + 10), (batch, model.img_size, model.img_size,
                                                       model.in_channels), minval=-1, maxval=1)
     y = _labels(model, batch)
-    compiled, lower_s, compile_s = compile_timed(lambda v, x, y: model.apply(v, x, y), variables, x, y)
+    compiled, lower_s, compile_s = compile_timed(lambda v, x, y: model.apply(v, x, y), variables, x, y,
+                                                 compiler_options=xla_cpu.compiler_options("forward"))
     call = lambda: compiled(variables, x, y)
     times = time_calls(call, steps, warmup)
     return ({"lower_s": lower_s, "compile_s": compile_s, "compile_total_s": lower_s + compile_s,
@@ -312,7 +315,8 @@ def bench_sample(model: TarFlow, variables: Any, batch: int, steps: int, warmup:
     z = jax.random.normal(jax.random.key(seed + 20), (batch, model.img_size, model.img_size, model.in_channels))
     y = _labels(model, batch)
     fn = lambda v, z, y: model.apply(v, z, y, guidance=guidance, solver="cached", method=TarFlow.reverse)
-    compiled, lower_s, compile_s = compile_timed(fn, variables, z, y)
+    compiled, lower_s, compile_s = compile_timed(fn, variables, z, y,
+                                                 compiler_options=xla_cpu.compiler_options("sample"))
     times = time_calls(lambda: compiled(variables, z, y), steps, warmup)
     x = compiled(variables, z, y)
     token_steps = model.num_blocks * (model.num_tokens - 1)

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import train, train_state
+from tarflow_jax import train, train_state, xla_cpu
 from tarflow_jax.convert import from_torch_state_dict
 from tarflow_jax.flow import TarFlow, patchify, unpatchify
 
@@ -192,7 +192,7 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
     x_t = _torch_images(x_np)
 
     # ---- agreement: the same function on the same input
-    fwd = jax.jit(lambda v, x, y: model.apply(v, x, y))
+    fwd = jax.jit(lambda v, x, y: model.apply(v, x, y), compiler_options=xla_cpu.compiler_options("forward"))
     y_j = None if labels is None else jnp.asarray(labels)
     z_ours, logdet_ours = fwd(variables, jnp.asarray(x_np), y_j)
     with torch.no_grad():
@@ -211,7 +211,7 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
                                       warmup, seed, noise_std)
     if "forward" in what:
         x_j = jnp.asarray(x_np)
-        compiled = jax.jit(lambda v, x, y: model.apply(v, x, y)).lower(variables, x_j, y_j).compile()
+        compiled = fwd.lower(variables, x_j, y_j).compile()
 
         def theirs_fwd():
             with torch.no_grad():
@@ -226,7 +226,8 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
             np.arange(sample_batch) % model.num_classes).astype(np.int32)
         ys_j = None if ys is None else jnp.asarray(ys)
         ys_t = None if ys is None else torch.from_numpy(ys.astype(np.int64))
-        rev = jax.jit(lambda v, z, y: model.apply(v, z, y, method=TarFlow.reverse))
+        rev = jax.jit(lambda v, z, y: model.apply(v, z, y, method=TarFlow.reverse),
+                      compiler_options=xla_cpu.compiler_options("sample"))
         compiled = rev.lower(variables, z_j, ys_j).compile()
         z_t = torch.from_numpy(z_tokens)
 
@@ -273,7 +274,8 @@ def _compare_train(model: TarFlow, config: Any, ref: Any, variables: Any, pixels
     batch = {"image": jnp.asarray(pixels)}
     if labels is not None:
         batch["label"] = jnp.asarray(labels)
-    compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch).compile()
+    compiled = jax.jit(step_fn, donate_argnums=(0,), compiler_options=xla_cpu.compiler_options("train")
+                       ).lower(state, batch).compile()
     holder = {"state": state}
 
     def ours():
