@@ -13,7 +13,9 @@ program     YNNPACK keeps               against the default
 ==========  ==========================  ============================
 ``train``   reductions                  1.10× (train step, `small`, batch 32)
 ``forward`` nothing                     1.42× (likelihood pass, batch 32)
-``sample``  reductions                  1.15× at batch 16, 1.00× at batch 1 (cached inverse)
+``sample``  everything (XLA's default)  reductions only: 1.15× at batch 16, 1.00× at
+                                        batch 1, 0.93× at batch 64 (cached inverse), so
+                                        the samplers keep the default
 ==========  ==========================  ============================
 
 :func:`compiler_options` gives the ``compiler_options`` for ``jax.jit`` of one program
@@ -33,8 +35,9 @@ import jax.numpy as jnp
 
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _REDUCE = "LIBRARY_FUSION_TYPE_REDUCE"
-# YNNPACK fusion types kept per program kind (the rest go to XLA's own emitters).
-LIBRARY_FUSIONS: dict[str, tuple[str, ...]] = {"train": (_REDUCE,), "forward": (), "sample": (_REDUCE,)}
+# YNNPACK fusion types kept per program kind (the rest go to XLA's own emitters); None:
+# XLA's default list.
+LIBRARY_FUSIONS: dict[str, tuple[str, ...] | None] = {"train": (_REDUCE,), "forward": (), "sample": None}
 ENV_SWITCH = "TARFLOW_XLA_CPU_TUNING"
 
 
@@ -69,8 +72,8 @@ def compiler_options(program: str, where: Any = None) -> dict[str, str] | None:
         JAX's default backend.
 
     Returns:
-      ``{"xla_cpu_experimental_ynn_fusion_type": ...}`` on CPU; ``None`` (XLA's defaults) on
-      other platforms, when ``TARFLOW_XLA_CPU_TUNING=0``, or when this jaxlib does not
+      ``{"xla_cpu_experimental_ynn_fusion_type": ...}`` on CPU; ``None`` (XLA's defaults) for
+      a program kind that keeps them (``"sample"``), on other platforms, when ``TARFLOW_XLA_CPU_TUNING=0``, or when this jaxlib does not
       accept the option (checked once with a tiny compile).
 
     Raises:
@@ -80,7 +83,7 @@ def compiler_options(program: str, where: Any = None) -> dict[str, str] | None:
         raise ValueError(f"program must be one of {sorted(LIBRARY_FUSIONS)}; got {program!r}")
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if _platform(where) != "cpu" or jax.default_backend() != "cpu":
+    if LIBRARY_FUSIONS[program] is None or _platform(where) != "cpu" or jax.default_backend() != "cpu":
         return None
     value = ",".join(LIBRARY_FUSIONS[program])
     return {OPTION: value} if _supported(value) else None
