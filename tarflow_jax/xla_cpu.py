@@ -6,12 +6,12 @@ XLA:CPU (jaxlib 0.10) hands dots and reductions to the YNNPACK library by defaul
 projection and attention products 1.3–1.7× faster than YNNPACK (the same rate as the
 authors' PyTorch), while YNNPACK's reductions (LayerNorm statistics, softmax sums, fused
 into the neighbouring work) stayed faster. Measured per program, in one process,
-alternating (``docs/performance.md``, "XLA:CPU library fusions"):
+alternating (``docs/performance.md``, "Side by side with the authors' code"):
 
 ==========  ==========================  ============================
 program     YNNPACK keeps               against the default
 ==========  ==========================  ============================
-``train``   reductions                  1.10× (train step, `small`, batch 32)
+``train``   reductions                  1.10× (train step, ``small``, batch 32)
 ``forward`` nothing                     1.42× (likelihood pass, batch 32)
 ``sample``  everything (XLA's default)  reductions only: 1.15× at batch 16, 1.00× at
                                         batch 1, 0.93× at batch 64 (cached inverse), so

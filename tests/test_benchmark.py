@@ -28,8 +28,9 @@ def test_smoke_benchmark_writes_json(tmp_path):
     batch = benchmark.DEFAULT_BATCH["smoke"]
     assert data["size"] == "smoke" and data["batch"] == batch
     for key in ("device", "dtype", "scan", "remat", "params", "peak_tflops", "peak_tflops_source",
-                "flops_method", "analytic_flops", "jax_version", "results"):
+                "flops_method", "analytic_flops", "jax_version", "results", "xla_cpu_options"):
         assert key in data, key
+    assert data["xla_cpu_options"]["sample"] is None and "xla_cpu_options=on" in benchmark.format_table(data)
     model = benchmark.make_model("smoke")
     assert data["params"] == benchmark.count_params(benchmark.random_variables(model)["params"]) > 0
     flops = benchmark.flop_counts(model, batch)
@@ -94,14 +95,16 @@ def test_peak_table_and_flops():
     assert flops["forward"] == 2 * 4 * per_block and flops["train"] == 3 * flops["forward"]
 
 
-def test_parse_args_flags():
+def test_parse_args_flags(tmp_path):
     args = benchmark.parse_args(["benchmark", "--size=small", "--noscan", "--remat", "--what=forward,sample",
                                  "--dtype=bfloat16", "--peak_tflops=100", "--jacobi_segments=2,4"])
     assert (args.scan, args.remat, args.what, args.dtype, args.peak_tflops, args.jacobi_segments, args.batch) == (
         False, True, ["forward", "sample"], "bfloat16", 100.0, [2, 4], benchmark.DEFAULT_BATCH["small"])
     assert benchmark.parse_args(["benchmark"]).scan is True  # the paper configs' setting
-    assert benchmark.parse_args(["benchmark", "--reference=/r"]).scan is False  # TarFlow's default
-    assert benchmark.parse_args(["benchmark", "--reference=/r", "--scan"]).scan is True
+    ref = tmp_path / "transformer_flow.py"
+    ref.write_text("")  # only its presence is checked when the flags are read
+    assert benchmark.parse_args(["benchmark", f"--reference={tmp_path}"]).scan is False  # TarFlow's default
+    assert benchmark.parse_args(["benchmark", f"--reference={ref}", "--scan"]).scan is True
     with pytest.raises(flags.Error, match="--what"):
         benchmark.parse_args(["benchmark", "--what=train,bogus"])
     with pytest.raises(flags.Error):
@@ -163,9 +166,14 @@ def test_reference_comparison_runs_and_agrees(tmp_path):
     # without --scan the comparison builds TarFlow's default (unscanned) model and says so
     assert result["scan"] is False and ref["model"]["scan_layers"] is False
     assert "scan_layers=False" in benchmark.benchmark_reference.format_reference(ref)
+    assert ref["xla_cpu_options"]["forward"] == {"xla_cpu_experimental_ynn_fusion_type": ""}  # CPU here
+    assert "XLA:CPU options on" in benchmark.benchmark_reference.format_reference(ref)
 
 
-def test_reference_errors(tmp_path):
+def test_reference_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="transformer_flow.py"):
         benchmark.benchmark_reference.load_reference_module(str(tmp_path))
     assert benchmark.main(["benchmark", "--reference=/nowhere", "--what=jacobi"]) == 2
+    # a wrong folder is a usage error before anything is built (no traceback)
+    assert benchmark.main(["benchmark", f"--reference={tmp_path}", "--what=train"]) == 2
+    assert "no transformer_flow.py there" in capsys.readouterr().err

@@ -441,6 +441,10 @@ def settings(fv: flags.FlagValues) -> types.SimpleNamespace:
         if bad:
             raise flags.Error(f"--what={','.join(args.what)}: with --reference choose from "
                               f"{','.join(REFERENCE_WHAT)} (not {','.join(bad)})")
+        try:
+            benchmark_reference.check_reference_path(args.reference)
+        except FileNotFoundError as e:
+            raise flags.Error(str(e)) from None
     if args.batch is None:
         args.batch = DEFAULT_BATCH[args.size]
     return args
@@ -492,6 +496,7 @@ def run(args: types.SimpleNamespace) -> dict[str, Any]:
         "flops_method": "analytic: 2*matmul_params*tokens + 4*T^2*W per layer (attention full, "
                         "not halved for causality); train = 3x forward",
         "analytic_flops": flops, "results": {},
+        "xla_cpu_options": {p: xla_cpu.compiler_options(p) for p in xla_cpu.LIBRARY_FUSIONS},
     }
     res = result["results"]
     if args.reference:
@@ -567,6 +572,8 @@ def format_table(result: dict[str, Any]) -> str:
     head = (f"size={result['size']} batch={result['batch']} dtype={result['dtype']} scan={result['scan']} "
             f"remat={result['remat']} params={result.get('params', 0) / 1e6:.2f}M device={result['device']['kind']} "
             f"peak={_fmt(result['peak_tflops'], '.0f')} TFLOP/s")
+    if "xla_cpu_options" in result:
+        head += f" xla_cpu_options={'on' if any(result['xla_cpu_options'].values()) else 'off'}"
     lines = [head, "",
              "| what | images/s | median s | compile s | memory MiB | model TFLOP/s | MFU | notes |",
              "|---|---|---|---|---|---|---|---|"]

@@ -60,6 +60,20 @@ REFERENCE_WHAT = ("train", "forward", "sample")
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, eps=1e-8)
 
 
+def check_reference_path(path: str) -> str:
+    """The path of the authors' ``transformer_flow.py`` given its folder or the file itself.
+
+    Raises:
+      FileNotFoundError: no ``transformer_flow.py`` at ``path``.
+    """
+    file = path if path.endswith(".py") else os.path.join(path, REFERENCE_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"--reference={path!r}: no {REFERENCE_FILE} there. Pass the folder holding the authors' "
+            f"{REFERENCE_FILE} (a clone of https://github.com/apple/ml-tarflow) or the file itself.")
+    return file
+
+
 def load_reference_module(path: str):
     """The authors' ``transformer_flow`` module from ``path`` (its folder or the file itself).
 
@@ -67,11 +81,7 @@ def load_reference_module(path: str):
       FileNotFoundError: no ``transformer_flow.py`` at ``path``.
       ImportError: PyTorch is not installed.
     """
-    file = path if path.endswith(".py") else os.path.join(path, REFERENCE_FILE)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(
-            f"--reference={path!r}: no {REFERENCE_FILE} there. Pass the folder holding the authors' "
-            f"{REFERENCE_FILE} (a clone of https://github.com/apple/ml-tarflow) or the file itself.")
+    file = check_reference_path(path)
     # torch/torchvision import triton when present; beside TensorFlow (which the trainer
     # loads) its native library segfaults on CPU-only machines, and nothing here needs it.
     sys.modules.setdefault("triton", None)
@@ -180,7 +190,8 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
                            "reference_file": os.path.abspath(module.__file__),
                            "train_batch": train_batch, "sample_batch": sample_batch, "noise_std": noise_std,
                            "model": {"scan_layers": model.scan_layers, "remat": model.remat,
-                                     "dtype": jnp.dtype(model.dtype).name}}
+                                     "dtype": jnp.dtype(model.dtype).name},
+                           "xla_cpu_options": {p: xla_cpu.compiler_options(p) for p in xla_cpu.LIBRARY_FUSIONS}}
 
     rng = np.random.default_rng(seed)
     shape = (train_batch, model.img_size, model.img_size, model.in_channels)
@@ -307,6 +318,8 @@ def format_reference(result: dict[str, Any]) -> str:
     """A Markdown table of a side-by-side run."""
     model = result.get("model", {})
     ours = ", ".join(f"{k}={model[k]}" for k in ("scan_layers", "remat", "dtype") if k in model)
+    if "xla_cpu_options" in result:
+        ours += f", XLA:CPU options {'on' if any(result['xla_cpu_options'].values()) else 'off'}"
     lines = [f"authors' PyTorch {result['torch_version']} ({result['torch_threads']} threads) vs tarflow_jax"
              f"{f' ({ours})' if ours else ''}, alternating, medians", "",
              "| work | authors' PyTorch s | tarflow_jax s | ratio (their time ÷ ours) | notes |",
