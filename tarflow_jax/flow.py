@@ -361,10 +361,14 @@ class TarFlow(nn.Module):
         if _is_concrete(x) and not np.isfinite(np.asarray(x, np.float32)).all():
             raise ValueError(f"{what} holds NaN or inf values; every output would be NaN")
 
-    def check_labels(self, y: Any, batch: int) -> None:
-        """Raises a ValueError for labels that do not fit the model (values checked when concrete)."""
+    def check_labels(self, y: Any, batch: int) -> jax.Array | None:
+        """The labels as an array (a list or numpy array becomes a ``jax.Array``), or ``None``.
+
+        Raises:
+          ValueError: labels that do not fit the model (values checked when concrete).
+        """
         if y is None:
-            return
+            return None
         if not self.num_classes:
             raise ValueError("labels y were given to an unconditional model (num_classes=0); pass y=None")
         if tuple(np.shape(y)) != (batch,):
@@ -377,6 +381,7 @@ class TarFlow(nn.Module):
             if low < -1 or high >= self.num_classes:
                 raise ValueError(f"labels y must be in [-1, num_classes={self.num_classes}) (-1: no label); "
                                  f"got values from {low} to {high}")
+        return jnp.asarray(y)
 
     # ----------------------------------------------------------------- forward
     def __call__(self, x: jax.Array, y: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -402,7 +407,7 @@ class TarFlow(nn.Module):
           TypeError: ``x`` is not floating point.
         """
         self.check_images(x)
-        self.check_labels(y, x.shape[0])
+        y = self.check_labels(y, x.shape[0])
         wide = float32_or_wider(self.dtype)  # float32 (float64 only for float64 checks)
         h = patchify(x.astype(wide), self.patch_size)
         logdet = jnp.zeros((x.shape[0],), wide)
@@ -465,7 +470,7 @@ class TarFlow(nn.Module):
             (or NaN) or non-finite ``guidance``; ``cache_segments`` is not a positive int.
         """
         self.check_images(z, "z")
-        self.check_labels(y, z.shape[0])
+        y = self.check_labels(y, z.shape[0])
         if guide_what not in GUIDE_WHAT:
             raise ValueError(f"guide_what must be one of {GUIDE_WHAT}; got {guide_what!r}")
         if solver not in sampling.SOLVERS:
@@ -538,7 +543,7 @@ class TarFlow(nn.Module):
           ``(num_blocks,)`` in forward-pass block order.
         """
         self.check_images(x)
-        self.check_labels(y, x.shape[0])
+        y = self.check_labels(y, x.shape[0])
         if init not in sampling.JACOBI_INITS:
             raise ValueError(f"init must be one of {sampling.JACOBI_INITS}; got {init!r}")
         wide = float32_or_wider(self.dtype)
@@ -581,7 +586,7 @@ class TarFlow(nn.Module):
           TypeError: ``x`` is not floating point.
         """
         self.check_images(x)
-        self.check_labels(y, x.shape[0])
+        y = self.check_labels(y, x.shape[0])
         for name, value in (("noise_std", noise_std), ("step_scale", step_scale)):
             if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
                 raise ValueError(f"{name} must be a real scalar; got {value!r}")

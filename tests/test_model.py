@@ -303,3 +303,16 @@ def test_non_positive_attention_temperature_is_guarded_under_jit(tiny_uncond):
     for t in (0.0, -1.0, float("nan")):
         np.testing.assert_array_equal(np.asarray(sample(jnp.float32(t))), floor)
     assert float(np.abs(np.asarray(sample(jnp.float32(0.5))) - floor).max()) > 0
+
+
+def test_labels_as_a_list_work_like_an_array(tiny_cond):
+    """A Python list of labels (found by the slow property search) goes through every entry point."""
+    model, variables = tiny_cond
+    x = jax.random.uniform(jax.random.key(5), (3, model.img_size, model.img_size, model.in_channels),
+                           minval=-1, maxval=1)
+    z_list, ld_list = model.apply(variables, x, [0, 1, -1])
+    z_arr, ld_arr = model.apply(variables, x, np.array([0, 1, -1], np.int32))
+    np.testing.assert_array_equal(np.asarray(z_list), np.asarray(z_arr))
+    np.testing.assert_array_equal(np.asarray(ld_list), np.asarray(ld_arr))
+    guided = lambda y: model.apply(variables, z_arr, y, guidance=1.5, method=TarFlow.reverse)
+    np.testing.assert_array_equal(np.asarray(guided([0, 1, 2])), np.asarray(guided(jnp.array([0, 1, 2]))))
