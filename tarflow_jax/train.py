@@ -15,7 +15,7 @@ import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from tarflow_jax import (checkpointing, configlib, evaluate, generate, input_pipeline, sharding,
+from tarflow_jax import (checkpointing, configlib, evaluate, generate, input_pipeline, layers, sharding,
                          workdir as workdir_lib, xla_cpu)
 from tarflow_jax.flow import TarFlow, patchify
 from tarflow_jax.likelihood import add_noise, bits_per_dim_from_loss, dequantize, flow_loss, to_unit_range
@@ -85,7 +85,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: TarFlow
         loss, prior, logdet_term = flow_loss(z, logdet)
         return loss, (prior, logdet_term, z)
 
-    with configlib.matmul_precision(config):
+    # Reverse mode only: dense weight gradients as xᵀ·dy (XLA:CPU runs them without transposed copies).
+    with configlib.matmul_precision(config), layers.reverse_mode_dense():
         (loss, (prior, logdet_term, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if param_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)

@@ -1,0 +1,57 @@
+"""Layer-level numerics: the reverse-mode dense weight gradients used by the train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tarflow_jax import layers
+from tarflow_jax.likelihood import flow_loss
+
+
+def _loss_fn(model, variables, x, y):
+    def loss(params):
+        z, logdet = model.apply({**variables, "params": params}, x, y)
+        return flow_loss(z, logdet)[0]
+    return loss
+
+
+def test_reverse_mode_dense_gives_the_same_gradients(tiny_cond):
+    model, variables = tiny_cond
+    x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 1), minval=-1, maxval=1)
+    y = jnp.array([0, 2, -1])
+    loss = _loss_fn(model, variables, x, y)
+    plain = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    with layers.reverse_mode_dense():
+        jaxpr = str(jax.make_jaxpr(loss)(variables["params"]))
+        custom = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    # The context really swaps the layers' differentiation (and only inside it).
+    assert "custom_vjp" in jaxpr
+    # (a fresh function: JAX caches the trace of one it has seen)
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda p: loss(p))(variables["params"]))
+    np.testing.assert_allclose(custom[0], plain[0], rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(custom[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_reverse_mode_dense_has_no_forward_mode_and_restores_on_exit(tiny_uncond):
+    model, variables = tiny_uncond
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
+    f = lambda x: model.apply(variables, x)[0]
+    with pytest.raises(TypeError, match="custom_vjp"):
+        with layers.reverse_mode_dense():
+            jax.jvp(f, (x,), (x,))
+    assert layers._REVERSE_MODE_DENSE == [False]
+    jax.jvp(f, (x,), (x,))  # forward mode works again outside the context
+
+
+def test_reverse_mode_dense_leaves_non_trailing_contractions_alone():
+    dense = layers.dense(5, 4, ("embed", "mlp"), axis=0, dtype=jnp.float32, param_dtype=jnp.float32,
+                         name="d", parent=None)
+    x = jax.random.normal(jax.random.key(2), (4, 3))
+    params = dense.init(jax.random.key(3), x)
+    with layers.reverse_mode_dense():
+        jaxpr = str(jax.make_jaxpr(lambda p: dense.apply(p, x).sum())(params))
+        out = dense.apply(params, x)
+    assert "custom_vjp" not in jaxpr
+    np.testing.assert_allclose(out, dense.apply(params, x), rtol=1e-6)
