@@ -21,7 +21,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tarflow_jax import checkpointing, evaluate, generate, input_pipeline, sharding, train, workdir as workdir_lib
+from tarflow_jax import (checkpointing, evaluate, generate, input_pipeline, sharding, train, workdir as workdir_lib,
+                         xla_cpu)
 from tarflow_jax.flow import count_params
 
 FLAGS = flags.FLAGS
@@ -139,6 +140,9 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if FLAGS.jax_distributed:
         initialize_distributed()
+    reused = xla_cpu.reuse_host_memory()  # CPU only; after the distributed setup, which must come first
+    if reused:
+        logging.info("XLA:CPU: host memory of temporaries reused between steps (%s)", reused)
     config = FLAGS.config
     if FLAGS.mode == "train":
         state = train.train_and_evaluate(config, FLAGS.workdir)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from tarflow_jax import JacobiPlan, TarFlow
+from tarflow_jax import JacobiPlan, TarFlow, xla_cpu
 from tarflow_jax.tools import benchmark
 from tarflow_jax.layers import unstack_layers
 
@@ -28,9 +28,14 @@ def test_smoke_benchmark_writes_json(tmp_path):
     batch = benchmark.DEFAULT_BATCH["smoke"]
     assert data["size"] == "smoke" and data["batch"] == batch
     for key in ("device", "dtype", "scan", "remat", "params", "peak_tflops", "peak_tflops_source",
-                "flops_method", "analytic_flops", "jax_version", "results", "xla_cpu_options"):
+                "flops_method", "analytic_flops", "jax_version", "results", "xla_cpu"):
         assert key in data, key
-    assert data["xla_cpu_options"]["sample"] is None and "xla_cpu_options=on" in benchmark.format_table(data)
+    assert data["xla_cpu"]["compiler_options"]["sample"] is None
+    assert "XLA:CPU options on" in benchmark.format_table(data)
+    # what the benchmark did about host memory is recorded and named in the header (in this
+    # process JAX started before the benchmark, so reuse_host_memory had to leave it alone)
+    assert data["xla_cpu"]["host_memory"] == xla_cpu.settings()["host_memory"]
+    assert "host memory " in benchmark.format_table(data)
     model = benchmark.make_model("smoke")
     assert data["params"] == benchmark.count_params(benchmark.random_variables(model)["params"]) > 0
     flops = benchmark.flop_counts(model, batch)
@@ -166,7 +171,7 @@ def test_reference_comparison_runs_and_agrees(tmp_path):
     # without --scan the comparison builds TarFlow's default (unscanned) model and says so
     assert result["scan"] is False and ref["model"]["scan_layers"] is False
     assert "scan_layers=False" in benchmark.benchmark_reference.format_reference(ref)
-    assert ref["xla_cpu_options"]["forward"] == {"xla_cpu_experimental_ynn_fusion_type": ""}  # CPU here
+    assert ref["xla_cpu"]["compiler_options"]["forward"] == {"xla_cpu_experimental_ynn_fusion_type": ""}  # CPU here
     assert "XLA:CPU options on" in benchmark.benchmark_reference.format_reference(ref)
 
 

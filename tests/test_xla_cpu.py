@@ -1,5 +1,7 @@
 """Per-program XLA:CPU compiler options (tarflow_jax.xla_cpu): where they apply and that they take effect."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,3 +46,53 @@ def test_reductions_only_gives_the_same_samples(tiny_uncond):
     tuned = jax.jit(rev, compiler_options={xla_cpu.OPTION: "LIBRARY_FUSION_TYPE_REDUCE"})(variables, z)
     np.testing.assert_allclose(np.asarray(tuned), np.asarray(default), rtol=1e-5, atol=1e-5)
     assert bool(jnp.all(jnp.isfinite(tuned)))
+
+
+_FAULTS_PROBE = r"""
+import os, resource, sys
+import jax, jax.numpy as jnp
+from tarflow_jax import xla_cpu
+applied = xla_cpu.reuse_host_memory() if sys.argv[1] == "reuse" else {}
+# One execution with a 256 MiB temporary (exp(x) is kept for the second reduction).
+f = jax.jit(lambda x: jnp.sum(jnp.exp(x) * jnp.arange(x.shape[0])[:, None]) + jnp.max(jnp.exp(x)))
+x = jnp.ones((8192, 8192), jnp.float32)
+c = f.lower(x).compile()
+assert c.memory_analysis().temp_size_in_bytes >= 2**28, c.memory_analysis()
+for _ in range(2):  # the heap's layout settles over the first executions
+    jax.block_until_ready(c(x))
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(c(x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sorted(faults)[2])
+"""
+
+
+@pytest.mark.skipif(xla_cpu._glibc() is None, reason="reuse_host_memory needs glibc")
+def test_reuse_host_memory_stops_refaulting_the_temporaries(tmp_path):
+    """Counts page faults (not time; median of 5 executions): each re-faults its temporaries unless memory is reused."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_FAULTS_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != xla_cpu.ENV_SWITCH}
+    faults = {}
+    for mode in ("default", "reuse"):
+        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env,
+                             check=True).stdout.strip().splitlines()[-1]
+        applied, n = out.rsplit(" ", 1)
+        faults[mode] = float(n)
+        assert ("M_MMAP_MAX" in applied) == (mode == "reuse"), out
+    pages = 2**28 / 4096
+    assert faults["default"] > 0.5 * pages, faults  # the 256 MiB temporary is faulted in every time
+    assert faults["reuse"] < 0.05 * pages, faults
+
+
+def test_reuse_host_memory_off_switch(monkeypatch):
+    monkeypatch.setenv(xla_cpu.ENV_SWITCH, "0")
+    monkeypatch.setattr(xla_cpu, "_HOST_MEMORY_SETTINGS", {})
+    assert xla_cpu.reuse_host_memory() == {}
+    assert xla_cpu.settings()["host_memory"] == {}
+    assert xla_cpu.describe(xla_cpu.settings()) == "XLA:CPU options off, host memory default"

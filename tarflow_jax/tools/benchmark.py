@@ -476,6 +476,7 @@ def _summarise(entry: dict[str, Any], batch: int, flops: float | None, peak: flo
 
 def run(args: types.SimpleNamespace) -> dict[str, Any]:
     """Runs the benchmark ``args`` (from :func:`parse_args`) describe; prints a table, returns (and writes) the results."""
+    xla_cpu.reuse_host_memory()  # before anything runs: see its docstring
     model = make_model(args.size, args.dtype, args.scan, args.remat)
     device = jax.devices()[0]
     peak, peak_source = args.peak_tflops, "--peak_tflops"
@@ -496,7 +497,7 @@ def run(args: types.SimpleNamespace) -> dict[str, Any]:
         "flops_method": "analytic: 2*matmul_params*tokens + 4*T^2*W per layer (attention full, "
                         "not halved for causality); train = 3x forward",
         "analytic_flops": flops, "results": {},
-        "xla_cpu_options": {p: xla_cpu.compiler_options(p) for p in xla_cpu.LIBRARY_FUSIONS},
+        "xla_cpu": xla_cpu.settings(),
     }
     res = result["results"]
     if args.reference:
@@ -572,8 +573,8 @@ def format_table(result: dict[str, Any]) -> str:
     head = (f"size={result['size']} batch={result['batch']} dtype={result['dtype']} scan={result['scan']} "
             f"remat={result['remat']} params={result.get('params', 0) / 1e6:.2f}M device={result['device']['kind']} "
             f"peak={_fmt(result['peak_tflops'], '.0f')} TFLOP/s")
-    if "xla_cpu_options" in result:
-        head += f" xla_cpu_options={'on' if any(result['xla_cpu_options'].values()) else 'off'}"
+    if "xla_cpu" in result:
+        head += f" ({xla_cpu.describe(result['xla_cpu'])})"
     lines = [head, "",
              "| what | images/s | median s | compile s | memory MiB | model TFLOP/s | MFU | notes |",
              "|---|---|---|---|---|---|---|---|"]

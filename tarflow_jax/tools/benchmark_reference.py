@@ -191,7 +191,7 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
                            "train_batch": train_batch, "sample_batch": sample_batch, "noise_std": noise_std,
                            "model": {"scan_layers": model.scan_layers, "remat": model.remat,
                                      "dtype": jnp.dtype(model.dtype).name},
-                           "xla_cpu_options": {p: xla_cpu.compiler_options(p) for p in xla_cpu.LIBRARY_FUSIONS}}
+                           "xla_cpu": xla_cpu.settings()}
 
     rng = np.random.default_rng(seed)
     shape = (train_batch, model.img_size, model.img_size, model.in_channels)
@@ -318,8 +318,8 @@ def format_reference(result: dict[str, Any]) -> str:
     """A Markdown table of a side-by-side run."""
     model = result.get("model", {})
     ours = ", ".join(f"{k}={model[k]}" for k in ("scan_layers", "remat", "dtype") if k in model)
-    if "xla_cpu_options" in result:
-        ours += f", XLA:CPU options {'on' if any(result['xla_cpu_options'].values()) else 'off'}"
+    if "xla_cpu" in result:
+        ours += f", {xla_cpu.describe(result['xla_cpu'])}"
     lines = [f"authors' PyTorch {result['torch_version']} ({result['torch_threads']} threads) vs tarflow_jax"
              f"{f' ({ours})' if ours else ''}, alternating, medians", "",
              "| work | authors' PyTorch s | tarflow_jax s | ratio (their time ÷ ours) | notes |",
