@@ -139,8 +139,8 @@ def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if FLAGS.jax_distributed:
-        initialize_distributed()
-    reused = xla_cpu.reuse_host_memory()  # CPU only; after the distributed setup, which must come first
+        initialize_distributed()  # starts JAX's backends, so host memory stays as it is
+    reused = {} if FLAGS.jax_distributed else xla_cpu.reuse_host_memory()  # before any computation; CPU only
     if reused:
         logging.info("XLA:CPU: host memory of temporaries reused between steps (%s)", reused)
     config = FLAGS.config

@@ -97,6 +97,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 # below this size stays with the process.
 _KEEP_BYTES = 2**31 - 1
 _HOST_MEMORY_SETTINGS: dict[str, Any] = {}
+_ASYNC = "jax_cpu_enable_async_dispatch"
 
 
 def _glibc() -> Any:
@@ -153,15 +154,17 @@ def reuse_host_memory() -> dict[str, Any]:
         return {}
     # The CPU client reads the dispatch setting when it is created, so it must be set
     # before JAX's first computation (JAX has no public check; the private one is optional).
+    if _ASYNC not in jax.config.values:  # a JAX without the setting: nothing to do safely
+        return {}
     started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-    if started and jax.config.jax_cpu_enable_async_dispatch:
+    if started and jax.config.values[_ASYNC]:
         logging.warning("tarflow_jax.xla_cpu.reuse_host_memory: JAX's backends already exist, so "
                         "executions stay asynchronous and their memory cannot be reused; call it "
                         "before the first JAX computation")
         return {}
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    jax.config.update(_ASYNC, False)
     if jax.default_backend() != "cpu":  # harmless there (only the host CPU client reads it); undone
-        jax.config.update("jax_cpu_enable_async_dispatch", True)
+        jax.config.update(_ASYNC, True)
         return {}
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)):
         return {}
