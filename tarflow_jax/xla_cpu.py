@@ -22,6 +22,10 @@ program     YNNPACK keeps               against the default
 kind. The results differ from the default compile by float32 rounding only (summation
 order inside the dots): train step 1e-9, forward ``z`` 6e-5 on values up to ~20.
 Set the environment variable ``TARFLOW_XLA_CPU_TUNING=0`` to compile with XLA's defaults.
+
+:func:`reuse_host_memory` (process-wide, called by ``tarflow_jax.main`` and the benchmark)
+stops each execution's temporaries from being unmapped and page-faulted in again, and
+:func:`settings`/:func:`describe` record what a process runs with beside benchmark figures.
 """
 
 from __future__ import annotations

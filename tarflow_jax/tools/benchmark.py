@@ -393,6 +393,9 @@ def define_flags() -> flags.FlagValues:
                       "setting); with --reference off, TarFlow's own default (scan_layers=False), the model a "
                       "user comparing with the authors' code builds.", flag_values=fv)
     flags.DEFINE_bool("remat", False, "Rematerialise each layer in the backward pass.", flag_values=fv)
+    flags.DEFINE_bool("reuse_host_memory", True, "CPU: tarflow_jax.xla_cpu.reuse_host_memory() first, as "
+                      "tarflow_jax.main does (process-wide: with --reference the authors' code runs with it "
+                      "too). --noreuse_host_memory keeps glibc's and JAX's defaults.", flag_values=fv)
     flags.DEFINE_list("what", list(WHAT), f"Comma list of {','.join(WHAT)}.", flag_values=fv)
     flags.register_validator("what", lambda v: set(v) <= set(WHAT), f"--what takes a comma list of {WHAT}",
                              flag_values=fv)
@@ -476,7 +479,8 @@ def _summarise(entry: dict[str, Any], batch: int, flops: float | None, peak: flo
 
 def run(args: types.SimpleNamespace) -> dict[str, Any]:
     """Runs the benchmark ``args`` (from :func:`parse_args`) describe; prints a table, returns (and writes) the results."""
-    xla_cpu.reuse_host_memory()  # before anything runs: see its docstring
+    if args.reuse_host_memory:
+        xla_cpu.reuse_host_memory()  # before anything runs: see its docstring
     model = make_model(args.size, args.dtype, args.scan, args.remat)
     device = jax.devices()[0]
     peak, peak_source = args.peak_tflops, "--peak_tflops"
