@@ -28,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from tarflow_jax import xla_cpu
 
 Dtype = Any
 # The key/value cache of one layer: {"k": (B, H, T, hd), "v": (B, H, T, hd)}; of a layer
@@ -85,7 +88,7 @@ class DenseGeneral(nn.Module):
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         trailing = axis == tuple(range(x.ndim - len(axis), x.ndim))
-        if _REVERSE_MODE_DENSE[0] and trailing and target_platform() == "cpu":
+        if _reverse_mode_dense_on() and trailing and target_platform() == "cpu":
             k = math.prod(kernel.shape[:len(axis)])
             out = _dense_xt_dy(x.reshape(-1, k), kernel.reshape(k, -1)).reshape(x.shape[:-len(axis)] + features)
         else:
@@ -93,7 +96,11 @@ class DenseGeneral(nn.Module):
         return out + jnp.reshape(bias, (1,) * (x.ndim - len(axis)) + features)
 
 
-_REVERSE_MODE_DENSE = [False]
+_REVERSE_MODE_DENSE = threading.local()  # .on: per thread, so other threads' traces are unaffected
+
+
+def _reverse_mode_dense_on() -> bool:
+    return getattr(_REVERSE_MODE_DENSE, "on", False) and xla_cpu.tuning_enabled()
 
 
 @contextlib.contextmanager
@@ -106,22 +113,24 @@ def reverse_mode_dense():
     biggest tensor of the layer). Inside this context :class:`DenseGeneral` uses a custom
     VJP that computes ``dW = xᵀ·dy`` and ``dx = dy·Wᵀ`` directly (the same products, so
     the same values up to float summation order), which XLA:CPU runs without those copies:
-    the ``small`` train step at batch 32 runs 1.2× faster (docs/performance.md). Applies
-    when the traced code targets CPU (:func:`target_platform`) and the contracted axes are
-    the input's trailing ones; elsewhere nothing changes. Like :func:`splash_interpret_mode`
-    it applies to functions traced inside the ``with`` block (JAX reuses the trace of a
-    function it has already traced).
+    the ``small`` train step at batch 32 runs 1.12–1.18× faster (docs/performance.md).
+    Applies when the traced code targets CPU (:func:`target_platform`) and the contracted
+    axes are the input's trailing ones; elsewhere nothing changes. It applies to functions
+    traced inside the ``with`` block by the same thread (JAX reuses the trace of a function
+    it has already traced). ``TARFLOW_XLA_CPU_TUNING=0`` turns it off, like the other CPU
+    tuning (:mod:`tarflow_jax.xla_cpu`).
 
     A custom VJP has no forward-mode derivative: ``jax.jvp``/``jax.jacfwd`` through a
     function traced inside this context raise JAX's TypeError. The library's train step
     (reverse mode only) traces inside it; everything else, including users' own code,
     keeps ordinary ``dot_general`` differentiation unless it enters the context.
     """
-    _REVERSE_MODE_DENSE[0], previous = True, _REVERSE_MODE_DENSE[0]
+    previous = getattr(_REVERSE_MODE_DENSE, "on", False)
+    _REVERSE_MODE_DENSE.on = True
     try:
         yield
     finally:
-        _REVERSE_MODE_DENSE[0] = previous
+        _REVERSE_MODE_DENSE.on = previous
 
 
 @jax.custom_vjp

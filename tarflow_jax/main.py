@@ -139,8 +139,10 @@ def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if FLAGS.jax_distributed:
-        initialize_distributed()  # starts JAX's backends, so host memory stays as it is
-    reused = {} if FLAGS.jax_distributed else xla_cpu.reuse_host_memory()  # before any computation; CPU only
+        initialize_distributed()
+    # CPU only, before any computation; not for multi-process runs, whose setup above has
+    # already started JAX's backends (so it could no longer take effect).
+    reused = {} if FLAGS.jax_distributed else xla_cpu.reuse_host_memory()
     if reused:
         logging.info("XLA:CPU: host memory of temporaries reused between steps (%s)", reused)
     config = FLAGS.config

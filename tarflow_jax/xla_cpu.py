@@ -87,7 +87,7 @@ def compiler_options(program: str, where: Any = None) -> dict[str, str] | None:
     """
     if program not in LIBRARY_FUSIONS:
         raise ValueError(f"program must be one of {sorted(LIBRARY_FUSIONS)}; got {program!r}")
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not tuning_enabled():
         return None
     if LIBRARY_FUSIONS[program] is None or _platform(where) != "cpu" or jax.default_backend() != "cpu":
         return None
@@ -95,13 +95,18 @@ def compiler_options(program: str, where: Any = None) -> dict[str, str] | None:
     return {OPTION: value} if _supported(value) else None
 
 
-# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX.
+# glibc's mallopt parameters (malloc.h) and the defaults restored if one cannot be set.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-# The largest trim threshold mallopt takes (an int): freed memory at the top of the heap
-# below this size stays with the process.
-_KEEP_BYTES = 2**31 - 1
+_DEFAULT_MMAP_MAX = 65536
+_NO_TRIM = -1  # M_TRIM_THRESHOLD=-1: glibc never returns freed heap memory to the system
 _HOST_MEMORY_SETTINGS: dict[str, Any] = {}
+_WARNED_LATE = [False]
 _ASYNC = "jax_cpu_enable_async_dispatch"
+
+
+def tuning_enabled() -> bool:
+    """False when the environment variable ``TARFLOW_XLA_CPU_TUNING`` is ``0``/``false``/``no``/``off``."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _glibc() -> Any:
@@ -128,52 +133,61 @@ def reuse_host_memory() -> dict[str, Any]:
     and ~1 s of system CPU time per ``small`` train step on the benchmark machine. This
     function, process-wide and once:
 
+    * tells glibc (``mallopt``) to serve large blocks from its heap instead of ``mmap``
+      (``M_MMAP_MAX=0``) and never to give freed heap memory back (``M_TRIM_THRESHOLD=-1``);
     * turns off JAX's asynchronous dispatch on CPU (``jax_cpu_enable_async_dispatch``), so
-      executions run on the calling thread, whose allocations come from glibc's main heap;
-    * tells glibc (``mallopt``) to serve large blocks from that heap instead of ``mmap``
-      (``M_MMAP_MAX=0``) and to keep up to 2 GiB of freed memory at its top
-      (``M_TRIM_THRESHOLD``).
+      executions run on the calling thread, whose allocations come from glibc's main heap
+      (a dispatch thread's large blocks would still be mapped and unmapped).
 
-    The process then keeps its peak host memory until it exits. Measured on ``small``,
-    batch 32: page faults per train step 520k → ~0, step 1.15–1.2× faster
-    (``docs/performance.md``). It changes no result. The library's entry points call it
-    (``tarflow_jax.main`` and the benchmark); call it yourself at the start of your own
-    CPU training or evaluation script.
+    Trade-offs: the process keeps its peak host memory until it exits, and host-side work
+    (input pipeline, metrics) no longer overlaps a running CPU step. Results do not change.
+    Measured on ``small``, batch 32 (``docs/performance.md``): page faults per train step
+    520k → ~0; the step alone 2.60 → 2.22 s (1.17×). The library's entry points call it
+    (``tarflow_jax.main`` and the benchmark); call it yourself first thing in your own CPU
+    training or evaluation script.
 
-    Call it before the first JAX computation of the process (the CPU client reads the
-    dispatch setting when JAX creates it); called later it logs a warning and does nothing.
-    Does nothing (returns ``{}``) when JAX's default backend is not CPU, when the C library
-    is not glibc, or when ``TARFLOW_XLA_CPU_TUNING=0``.
+    It starts JAX's backends (to learn the default one), so call it after
+    ``jax.distributed.initialize`` if you use that, and before the first JAX computation
+    (the CPU client reads the dispatch setting when it is created); called after JAX
+    started, it logs a warning (once) and does nothing. (A dispatch setting changed by hand
+    after JAX started would fool that check.) On a GPU/TPU default backend it undoes the
+    ``mallopt`` settings and returns ``{}``; the host CPU client stays synchronous there.
+    Also ``{}`` when the C library is not glibc or ``TARFLOW_XLA_CPU_TUNING=0``.
 
     Returns:
       The settings applied, e.g. ``{"jax_cpu_enable_async_dispatch": False,
-      "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2147483647}``; ``{}`` when nothing was set.
+      "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": -1}``; ``{}`` when nothing was set.
     """
     if _HOST_MEMORY_SETTINGS:
         return dict(_HOST_MEMORY_SETTINGS)
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not tuning_enabled():
         return {}
     libc = _glibc()
-    if libc is None:
+    if libc is None or _ASYNC not in jax.config.values:  # no glibc, or a JAX without the setting
         return {}
-    # The CPU client reads the dispatch setting when it is created, so it must be set
-    # before JAX's first computation (JAX has no public check; the private one is optional).
-    if _ASYNC not in jax.config.values:  # a JAX without the setting: nothing to do safely
-        return {}
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
+    # JAX has no public check for started backends; without the private one, assume started.
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: True)()
     if started and jax.config.values[_ASYNC]:
-        logging.warning("tarflow_jax.xla_cpu.reuse_host_memory: JAX's backends already exist, so "
-                        "executions stay asynchronous and their memory cannot be reused; call it "
-                        "before the first JAX computation")
+        if not _WARNED_LATE[0]:
+            _WARNED_LATE[0] = True
+            logging.warning("tarflow_jax.xla_cpu.reuse_host_memory: JAX's backends already exist, so "
+                            "executions stay asynchronous and their memory cannot be reused; call it "
+                            "before the first JAX computation")
+        return {}
+
+    def restore_malloc() -> None:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)):
+        restore_malloc()
         return {}
     jax.config.update(_ASYNC, False)
-    if jax.default_backend() != "cpu":  # harmless there (only the host CPU client reads it); undone
+    if jax.default_backend() != "cpu":
         jax.config.update(_ASYNC, True)
+        restore_malloc()
         return {}
-    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)):
-        return {}
-    _HOST_MEMORY_SETTINGS.update(
-        {"jax_cpu_enable_async_dispatch": False, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": _KEEP_BYTES})
+    _HOST_MEMORY_SETTINGS.update({_ASYNC: False, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": _NO_TRIM})
     return dict(_HOST_MEMORY_SETTINGS)
 
 

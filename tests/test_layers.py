@@ -41,7 +41,7 @@ def test_reverse_mode_dense_has_no_forward_mode_and_restores_on_exit(tiny_uncond
     with pytest.raises(TypeError, match="custom_vjp"):
         with layers.reverse_mode_dense():
             jax.jvp(f, (x,), (x,))
-    assert layers._REVERSE_MODE_DENSE == [False]
+    assert not layers._reverse_mode_dense_on()
     jax.jvp(f, (x,), (x,))  # forward mode works again outside the context
 
 
@@ -55,3 +55,32 @@ def test_reverse_mode_dense_leaves_non_trailing_contractions_alone():
         out = dense.apply(params, x)
     assert "custom_vjp" not in jaxpr
     np.testing.assert_allclose(out, dense.apply(params, x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, rtol", [
+    (dict(scan_layers=True, remat=True), 1e-4),
+    (dict(dtype=jnp.bfloat16), 2e-2),  # bfloat16 compute: the two orders round differently
+])
+def test_reverse_mode_dense_scanned_remat_and_bfloat16(kwargs, rtol):
+    from tarflow_jax import TarFlow
+    from conftest import random_variables
+
+    model = TarFlow(img_size=8, in_channels=1, patch_size=2, channels=64, num_blocks=2, layers_per_block=2,
+                    **kwargs)
+    variables = random_variables(model)
+    x = jax.random.uniform(jax.random.key(4), (4, 8, 8, 1), minval=-1, maxval=1)
+    loss = _loss_fn(model, variables, x, None)
+    plain = jax.jit(jax.grad(loss))(variables["params"])
+    with layers.reverse_mode_dense():
+        custom = jax.jit(jax.grad(lambda p: loss(p)))(variables["params"])
+    for a, b in zip(jax.tree.leaves(custom), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol,
+                                   atol=rtol * float(np.max(np.abs(np.asarray(b, np.float32)))) + 1e-7)
+
+
+def test_reverse_mode_dense_off_switch(monkeypatch, tiny_uncond):
+    monkeypatch.setenv("TARFLOW_XLA_CPU_TUNING", "0")
+    model, variables = tiny_uncond
+    x = jnp.zeros((1, 8, 8, 3))
+    with layers.reverse_mode_dense():
+        assert "custom_vjp" not in str(jax.make_jaxpr(lambda v: model.apply(v, x)[0])(variables))

@@ -96,3 +96,16 @@ def test_reuse_host_memory_off_switch(monkeypatch):
     assert xla_cpu.reuse_host_memory() == {}
     assert xla_cpu.settings()["host_memory"] == {}
     assert xla_cpu.describe(xla_cpu.settings()) == "XLA:CPU options off, host memory default"
+
+
+def test_reuse_host_memory_after_jax_started_warns_once_and_does_nothing(monkeypatch, caplog):
+    monkeypatch.delenv(xla_cpu.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(xla_cpu, "_HOST_MEMORY_SETTINGS", {})
+    monkeypatch.setattr(xla_cpu, "_WARNED_LATE", [False])
+    jax.block_until_ready(jnp.ones(3) + 1)  # JAX has started
+    if not jax.config.values.get("jax_cpu_enable_async_dispatch", True):
+        pytest.skip("this process already runs with synchronous dispatch")
+    with caplog.at_level("WARNING"):
+        assert xla_cpu.reuse_host_memory() == {}
+        assert xla_cpu.reuse_host_memory() == {}
+    assert sum("before the first JAX computation" in r.getMessage() for r in caplog.records) == 1
