@@ -20,7 +20,9 @@ through an unscanned stack (:func:`unstack_layers`, once per block). Heads befor
 products batched over ``(B, H)`` without transposing the cache.
 
 Parameters carry logical axis names (``embed``, ``heads``, ``head_dim``, ``mlp``) that
-``tarflow_jax.sharding`` maps onto a device mesh.
+``tarflow_jax.sharding`` maps onto a device mesh. The train step traces the layers inside
+:func:`reverse_mode_vjps`, which gives :class:`DenseGeneral` and :class:`LayerNorm`
+hand-written backward passes on CPU.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class DenseGeneral(nn.Module):
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         trailing = axis == tuple(range(x.ndim - len(axis), x.ndim))
-        if _reverse_mode_dense_on() and trailing and target_platform() == "cpu":
+        if _reverse_mode_on() and trailing and target_platform() == "cpu":
             k = math.prod(kernel.shape[:len(axis)])
             out = _dense_xt_dy(x.reshape(-1, k), kernel.reshape(k, -1)).reshape(x.shape[:-len(axis)] + features)
         else:
@@ -96,46 +98,50 @@ class DenseGeneral(nn.Module):
         return out + jnp.reshape(bias, (1,) * (x.ndim - len(axis)) + features)
 
 
-_REVERSE_MODE_DENSE = threading.local()  # .on: per thread, so other threads' traces are unaffected
+_REVERSE_MODE = threading.local()  # .on: per thread, so other threads' traces are unaffected
 
 
-def _reverse_mode_dense_on() -> bool:
-    return getattr(_REVERSE_MODE_DENSE, "on", False) and xla_cpu.tuning_enabled()
+def _reverse_mode_on() -> bool:
+    return getattr(_REVERSE_MODE, "on", False) and xla_cpu.tuning_enabled()
 
 
 @contextlib.contextmanager
-def reverse_mode_dense():
-    """Dense layers traced inside compute their weight gradients as ``xᵀ·dy`` (CPU only; no forward mode).
+def reverse_mode_vjps():
+    """Layers traced inside differentiate through hand-written VJPs (CPU only; reverse mode only).
 
-    For ``y = x·W`` with ``x (N, K)`` and ``W (K, M)``, JAX's transpose rule computes the weight
-    gradient as ``(dyᵀ·x)ᵀ``; XLA:CPU then copies the large ``dy (N, M)`` into a transposed
-    layout for every weight gradient (for TarFlow's ``qkv`` and ``mlp_in`` that is the
-    biggest tensor of the layer). Inside this context :class:`DenseGeneral` uses a custom
-    VJP that computes ``dW = xᵀ·dy`` and ``dx = dy·Wᵀ`` directly (the same products, so
-    the same values up to float summation order), which XLA:CPU runs without those copies:
-    the ``small`` train step at batch 32 runs 1.12–1.18× faster (docs/performance.md).
-    Applies when the traced code targets CPU (:func:`target_platform`) and the contracted
-    axes are the input's trailing ones; elsewhere nothing changes. It applies to functions
-    traced inside the ``with`` block by the same thread (JAX reuses the trace of a function
-    it has already traced). ``TARFLOW_XLA_CPU_TUNING=0`` turns it off, like the other CPU
-    tuning (:mod:`tarflow_jax.xla_cpu`).
+    Two layers switch, each to a backward pass XLA:CPU runs faster than the one JAX derives
+    (the ``small`` train step at batch 32; docs/performance.md):
+
+    * :class:`DenseGeneral` (1.12–1.18×): for ``y = x·W`` with ``x (N, K)`` and ``W (K, M)``,
+      JAX's transpose rule computes the weight gradient as ``(dyᵀ·x)ᵀ``, and XLA:CPU then
+      copies the large ``dy (N, M)`` into a transposed layout for every weight gradient (for
+      TarFlow's ``qkv`` and ``mlp_in`` the biggest tensor of the layer). Here a custom VJP
+      computes ``dW = xᵀ·dy`` and ``dx = dy·Wᵀ`` directly: the same products, so the same
+      values up to float summation order. Only where the contracted axes are the input's
+      trailing ones.
+    * :class:`LayerNorm` (about 1.02×): the closed-form backward of :func:`layer_norm_vjp`.
+
+    Applies when the traced code targets CPU (:func:`target_platform`); elsewhere nothing
+    changes. It applies to functions traced inside the ``with`` block by the same thread
+    (JAX reuses the trace of a function it has already traced). ``TARFLOW_XLA_CPU_TUNING=0``
+    turns it off, like the other CPU tuning (:mod:`tarflow_jax.xla_cpu`).
 
     A custom VJP has no forward-mode derivative: ``jax.jvp``/``jax.jacfwd`` through a
     function traced inside this context raise JAX's TypeError. The library's train step
     (reverse mode only) traces inside it; everything else, including users' own code,
-    keeps ordinary ``dot_general`` differentiation unless it enters the context.
+    keeps JAX's own differentiation unless it enters the context.
     """
-    previous = getattr(_REVERSE_MODE_DENSE, "on", False)
-    _REVERSE_MODE_DENSE.on = True
+    previous = getattr(_REVERSE_MODE, "on", False)
+    _REVERSE_MODE.on = True
     try:
         yield
     finally:
-        _REVERSE_MODE_DENSE.on = previous
+        _REVERSE_MODE.on = previous
 
 
 @jax.custom_vjp
 def _dense_xt_dy(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x (N, K) · w (K, M)`` whose backward pass is ``(dy·wᵀ, xᵀ·dy)`` (see :func:`reverse_mode_dense`)."""
+    """``x (N, K) · w (K, M)`` whose backward pass is ``(dy·wᵀ, xᵀ·dy)`` (see :func:`reverse_mode_vjps`)."""
     return jnp.matmul(x, w)
 
 
@@ -179,18 +185,82 @@ def float32_or_wider(dtype: Dtype) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32, **module_kwargs: Any) -> nn.LayerNorm:
+def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32, **module_kwargs: Any) -> "LayerNorm":
     """LayerNorm in ``float32_or_wider(dtype)`` with the reference's epsilon and two-pass variance."""
-    return nn.LayerNorm(
-        epsilon=1e-5,
-        dtype=float32_or_wider(dtype),
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name=name,
-        **module_kwargs,
-    )
+    return LayerNorm(epsilon=1e-5, dtype=float32_or_wider(dtype), param_dtype=param_dtype, name=name, **module_kwargs)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with a learned scale and bias (logical axis ``embed``).
+
+    The same parameters, initialisation and forward values as ``nn.LayerNorm(epsilon=...,
+    use_fast_variance=False)``, the reference's ``nn.LayerNorm`` (PyTorch): mean, then
+    variance as the mean of ``(x − mean)²`` (two passes), ``y = (x − mean)·(rsqrt(var + ε)·scale)
+    + bias``, computed in ``promote_types(dtype, float32)``. Inside :func:`reverse_mode_vjps`
+    on CPU its gradient comes from a hand-written VJP (:func:`layer_norm_vjp`); elsewhere JAX
+    differentiates the forward formula.
+
+    Attributes:
+      epsilon: added to the variance.
+      dtype: computation and output dtype (``float32`` or wider for TarFlow).
+      param_dtype: dtype of ``scale`` and ``bias``, shape ``(features,)``.
+    """
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises ``x (..., W)`` over ``W``; returns ``(..., W)`` in ``dtype``."""
+        width = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (width,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                          (width,), self.param_dtype)
+        wide = jnp.promote_types(self.dtype, jnp.float32)
+        x, scale, bias = x.astype(wide), scale.astype(wide), bias.astype(wide)
+        norm = layer_norm_vjp if _reverse_mode_on() and target_platform() == "cpu" else _layer_norm
+        return norm(x, scale, bias, float(self.epsilon)).astype(self.dtype)
+
+
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_vjp(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """:class:`LayerNorm`'s formula over the last axis of ``x (..., W)`` with ``scale, bias (W,)``, reverse mode only.
+
+    Its VJP is the closed form (Ba et al. 2016, "Layer Normalization"; PyTorch's
+    ``native_layer_norm_backward`` computes the same): with ``x̂ = (x − mean)·rstd`` and
+    ``g = dy·scale``, ``dx = rstd·(g − mean(g) − x̂·mean(g·x̂))``, ``dscale = Σ dy·x̂`` and
+    ``dbias = Σ dy`` over the leading axes. It keeps ``x``, the mean and ``rstd`` for the
+    backward pass and needs two row reductions there, where autodiff of the two-pass
+    forward formula derives a longer chain; the ``small`` train step runs about 1.02×
+    faster on CPU (docs/performance.md). No forward mode (a custom VJP).
+    """
+    return _layer_norm(x, scale, bias, epsilon)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + epsilon)
+    return (x - mean) * (rstd * scale) + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, res, dy):
+    x, mean, rstd, scale = res
+    x_hat = (x - mean) * rstd
+    g = dy * scale
+    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+    rows = tuple(range(dy.ndim - 1))
+    return dx, jnp.sum(dy * x_hat, axis=rows), jnp.sum(dy, axis=rows)
+
+
+layer_norm_vjp.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def constrain_activations(h: jax.Array) -> jax.Array:

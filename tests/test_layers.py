@@ -1,8 +1,9 @@
-"""Layer-level numerics: the reverse-mode dense weight gradients used by the train step."""
+"""Layer-level numerics: the reverse-mode VJPs (dense weight gradients, LayerNorm) used by the train step."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
 from tarflow_jax import layers
@@ -16,13 +17,13 @@ def _loss_fn(model, variables, x, y):
     return loss
 
 
-def test_reverse_mode_dense_gives_the_same_gradients(tiny_cond):
+def test_reverse_mode_vjps_gives_the_same_gradients(tiny_cond):
     model, variables = tiny_cond
     x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 1), minval=-1, maxval=1)
     y = jnp.array([0, 2, -1])
     loss = _loss_fn(model, variables, x, y)
     plain = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    with layers.reverse_mode_dense():
+    with layers.reverse_mode_vjps():
         jaxpr = str(jax.make_jaxpr(loss)(variables["params"]))
         custom = jax.jit(jax.value_and_grad(loss))(variables["params"])
     # The context really swaps the layers' differentiation (and only inside it).
@@ -34,23 +35,23 @@ def test_reverse_mode_dense_gives_the_same_gradients(tiny_cond):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_reverse_mode_dense_has_no_forward_mode_and_restores_on_exit(tiny_uncond):
+def test_reverse_mode_vjps_has_no_forward_mode_and_restores_on_exit(tiny_uncond):
     model, variables = tiny_uncond
     x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
     f = lambda x: model.apply(variables, x)[0]
     with pytest.raises(TypeError, match="custom_vjp"):
-        with layers.reverse_mode_dense():
+        with layers.reverse_mode_vjps():
             jax.jvp(f, (x,), (x,))
-    assert not layers._reverse_mode_dense_on()
+    assert not layers._reverse_mode_on()
     jax.jvp(f, (x,), (x,))  # forward mode works again outside the context
 
 
-def test_reverse_mode_dense_leaves_non_trailing_contractions_alone():
+def test_reverse_mode_vjps_leaves_non_trailing_contractions_alone():
     dense = layers.dense(5, 4, ("embed", "mlp"), axis=0, dtype=jnp.float32, param_dtype=jnp.float32,
                          name="d", parent=None)
     x = jax.random.normal(jax.random.key(2), (4, 3))
     params = dense.init(jax.random.key(3), x)
-    with layers.reverse_mode_dense():
+    with layers.reverse_mode_vjps():
         jaxpr = str(jax.make_jaxpr(lambda p: dense.apply(p, x).sum())(params))
         out = dense.apply(params, x)
     assert "custom_vjp" not in jaxpr
@@ -61,7 +62,7 @@ def test_reverse_mode_dense_leaves_non_trailing_contractions_alone():
     (dict(scan_layers=True, remat=True), 1e-4),
     (dict(dtype=jnp.bfloat16), 2e-2),  # bfloat16 compute: the two orders round differently
 ])
-def test_reverse_mode_dense_scanned_remat_and_bfloat16(kwargs, rtol):
+def test_reverse_mode_vjps_scanned_remat_and_bfloat16(kwargs, rtol):
     from tarflow_jax import TarFlow
     from conftest import random_variables
 
@@ -71,16 +72,44 @@ def test_reverse_mode_dense_scanned_remat_and_bfloat16(kwargs, rtol):
     x = jax.random.uniform(jax.random.key(4), (4, 8, 8, 1), minval=-1, maxval=1)
     loss = _loss_fn(model, variables, x, None)
     plain = jax.jit(jax.grad(loss))(variables["params"])
-    with layers.reverse_mode_dense():
+    with layers.reverse_mode_vjps():
         custom = jax.jit(jax.grad(lambda p: loss(p)))(variables["params"])
     for a, b in zip(jax.tree.leaves(custom), jax.tree.leaves(plain)):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol,
                                    atol=rtol * float(np.max(np.abs(np.asarray(b, np.float32)))) + 1e-7)
 
 
-def test_reverse_mode_dense_off_switch(monkeypatch, tiny_uncond):
+def test_reverse_mode_vjps_off_switch(monkeypatch, tiny_uncond):
     monkeypatch.setenv("TARFLOW_XLA_CPU_TUNING", "0")
     model, variables = tiny_uncond
     x = jnp.zeros((1, 8, 8, 3))
-    with layers.reverse_mode_dense():
+    with layers.reverse_mode_vjps():
         assert "custom_vjp" not in str(jax.make_jaxpr(lambda v: model.apply(v, x)[0])(variables))
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32),
+                                                (jnp.float32, jnp.bfloat16)])
+def test_layer_norm_matches_flax_and_its_vjp_matches_autodiff(dtype, param_dtype):
+    x = (3.0 * jax.random.normal(jax.random.key(5), (3, 7, 64)) + 1.0).astype(dtype)
+    ours = layers.layer_norm("n", param_dtype, dtype, parent=None)
+    flax_ln = nn.LayerNorm(epsilon=1e-5, dtype=layers.float32_or_wider(dtype), param_dtype=param_dtype,
+                           use_fast_variance=False)
+    params = nn.meta.unbox(ours.init(jax.random.key(6), x))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), flax_ln.init(jax.random.key(6), x))
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(7), a.shape, a.dtype), params)
+    # Forward: Flax's values exactly (the reference's two-pass LayerNorm).
+    np.testing.assert_array_equal(jax.jit(ours.apply)(params, x), jax.jit(flax_ln.apply)(params, x))
+
+    def grads(module):
+        return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(3.0 * module.apply(p, x))), argnums=(0, 1)))(params, x)
+
+    expected = grads(flax_ln)
+    with layers.reverse_mode_vjps():
+        assert "custom_vjp" in str(jax.make_jaxpr(lambda p: ours.apply(p, x))(params))
+        got = grads(ours)
+    # bfloat16 x: its gradient is rounded to bfloat16 at the end of either computation.
+    rtol = 1e-2 if dtype == jnp.bfloat16 else 2e-6
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
