@@ -202,7 +202,8 @@ class LayerNorm(nn.Module):
 
     Attributes:
       epsilon: added to the variance.
-      dtype: computation and output dtype (``float32`` or wider for TarFlow).
+      dtype: output dtype; the computation runs in ``promote_types(dtype, float32)``
+        (TarFlow passes ``float32_or_wider``, so both are float32, or float64 under x64).
       param_dtype: dtype of ``scale`` and ``bias``, shape ``(features,)``.
     """
 
