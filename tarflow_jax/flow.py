@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tarflow_jax import likelihood, sampling
-from tarflow_jax.layers import (ATTENTIONS, REMAT_POLICIES, Cache, LayerStack, decode_layer, dense,
+from tarflow_jax.layers import (ATTENTIONS, REMAT_POLICIES, Cache, LayerStack, add_rows, decode_layer, dense,
                                 float32_or_wider, init_segment_cache, unstack_layers)
 from tarflow_jax.layers import cache_segments as _cache_segments
 
@@ -118,7 +118,7 @@ class MetaBlock(nn.Module):
         # autocast: a bfloat16 Linear output plus the float32 position table is float32); the
         # layers cast only their matmul inputs to `dtype`.
         wide = float32_or_wider(self.dtype)
-        h = self.proj_in(xp.astype(self.dtype)).astype(wide) + pos_rows.astype(wide)
+        h = add_rows(self.proj_in(xp.astype(self.dtype)).astype(wide), pos_rows.astype(wide))
         if self.num_classes:
             h = h + self.class_vector(y, xp.shape[0])[:, None].astype(wide)
         h, cache = self.transformer(h, cache, pos, temp)

@@ -113,3 +113,34 @@ def test_layer_norm_matches_flax_and_its_vjp_matches_autodiff(dtype, param_dtype
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("shape, num_axes, dtype", [
+    ((2048, 24), 1, jnp.float32),      # tall: groups of 64 rows, then a product with ones
+    ((4, 512, 6), 2, jnp.float32),     # tall over two axes
+    ((3, 5, 7), 1, jnp.float32),       # short: one product with ones
+    ((1000, 8), 1, jnp.float32),       # not a multiple of 64: one product
+    ((1024, 16), 1, jnp.bfloat16),     # summed in float32, returned in bfloat16
+])
+def test_sum_leading_equals_sum(shape, num_axes, dtype):
+    x = (jax.random.normal(jax.random.key(8), shape) + 0.5).astype(dtype)
+    got = jax.jit(layers.sum_leading, static_argnums=1)(x, num_axes)
+    expected = jnp.sum(x.astype(jnp.float32), axis=tuple(range(num_axes)))
+    assert got.shape == shape[num_axes:] and got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
+                               atol=1e-4)
+
+
+def test_add_rows_gradient_and_bad_shapes():
+    x = jax.random.normal(jax.random.key(9), (3, 5, 4))
+    rows = jax.random.normal(jax.random.key(10), (5, 4))
+    f = lambda x, rows: jnp.sum(jnp.sin(layers.add_rows(x, rows)))
+    plain = jax.grad(f, argnums=(0, 1))(x, rows)
+    with layers.reverse_mode_vjps():
+        assert "custom_vjp" in str(jax.make_jaxpr(lambda x, r: f(x, r))(x, rows))
+        got = jax.jit(jax.grad(lambda x, r: f(x, r), argnums=(0, 1)))(x, rows)
+    for a, b in zip(got, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(layers.add_rows(x, rows), x + rows)
+    with pytest.raises(ValueError, match="trailing axes"):
+        layers.add_rows(x, rows.T)
