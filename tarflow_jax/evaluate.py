@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tarflow_jax import configlib, input_pipeline, sharding, workdir as workdir_lib, xla_cpu
+from tarflow_jax import configlib, input_pipeline, layers, sharding, workdir as workdir_lib, xla_cpu
 from tarflow_jax.flow import TarFlow
 from tarflow_jax.likelihood import bits_per_dim, dequantize
 
@@ -62,14 +62,15 @@ def jit_eval_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.s
 
     ``batch`` is an eval batch (``image``, ``label``, ``mask``) split over the data axes of
     ``mesh``; the forward pass runs per device at ``config.matmul_precision`` (see
-    :func:`_batch_sums`). It can be ``.trace``d with abstract arguments (the compile-only
+    :func:`_batch_sums`), traced inside :func:`tarflow_jax.layers.forward_pass_kernels` and
+    compiled with the ``"forward"`` XLA:CPU options (both change nothing off CPU). It can be ``.trace``d with abstract arguments (the compile-only
     dry run, ``tarflow_jax.tools.aot``, does).
     """
     sums = functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
                              num_draws=num_draws, mesh=mesh)
 
     def step(variables, batch, rng):
-        with configlib.matmul_precision(config):
+        with configlib.matmul_precision(config), layers.forward_pass_kernels():
             return sums(variables, batch, rng)
 
     return jax.jit(step, compiler_options=xla_cpu.compiler_options("forward", mesh))

@@ -139,6 +139,46 @@ def reverse_mode_vjps():
         _REVERSE_MODE.on = previous
 
 
+_FORWARD_PASS = threading.local()  # .on: per thread, like _REVERSE_MODE
+
+
+def _forward_pass_on() -> bool:
+    return (getattr(_FORWARD_PASS, "on", False) and not _reverse_mode_on() and xla_cpu.tuning_enabled()
+            and target_platform() == "cpu")
+
+
+@contextlib.contextmanager
+def forward_pass_kernels():
+    """Layers traced inside compute their forward values in forms XLA:CPU runs faster (CPU only).
+
+    For programs that evaluate the flow without differentiating it (the likelihood and
+    evaluation passes), compiled with :func:`tarflow_jax.xla_cpu.compiler_options`
+    ``("forward")``, which keeps YNNPACK for reductions:
+
+    * :class:`LayerNorm` takes its mean and variance as products with a ``1/W`` vector
+      (:func:`layer_norm_by_products`), so that no reduction sits in front of the next
+      layer's weight product (YNNPACK would take the two as one fusion and run the product
+      at its slower rate);
+    * :func:`causal_attention` normalises each piece's ``(rows, hd)`` output by the softmax
+      denominator instead of the ``(rows, keys)`` probabilities (``(E·V)/ℓ`` with
+      ``E = exp(S − max S)``, ``ℓ = Σ E``), one pass fewer over the ``T×T`` matrix.
+
+    The values differ from the plain forward by float32 rounding (``small``: max |Δz| ~3e-6
+    on values up to ~20); derivatives taken through it are the usual ones (the attention
+    keeps its custom JVP; the products are differentiable). Together with the ``"forward"``
+    options the ``small`` likelihood pass at batch 32 ran 1.26× faster than without them
+    (docs/performance.md). Inside :func:`reverse_mode_vjps`, on other platforms or with
+    ``TARFLOW_XLA_CPU_TUNING=0`` it changes nothing. Entered by
+    :func:`tarflow_jax.evaluate.jit_eval_step` and the benchmarks' forward passes.
+    """
+    previous = getattr(_FORWARD_PASS, "on", False)
+    _FORWARD_PASS.on = True
+    try:
+        yield
+    finally:
+        _FORWARD_PASS.on = previous
+
+
 def sum_leading(x: jax.Array, num_axes: int) -> jax.Array:
     """Sum of ``x`` over its first ``num_axes`` axes, arranged for XLA:CPU (used by the VJPs below).
 
@@ -287,7 +327,12 @@ class LayerNorm(nn.Module):
                           (width,), self.param_dtype)
         wide = jnp.promote_types(self.dtype, jnp.float32)
         x, scale, bias = x.astype(wide), scale.astype(wide), bias.astype(wide)
-        norm = layer_norm_vjp if _reverse_mode_on() and target_platform() == "cpu" else _layer_norm
+        if _reverse_mode_on() and target_platform() == "cpu":
+            norm = layer_norm_vjp
+        elif _forward_pass_on():
+            norm = layer_norm_by_products
+        else:
+            norm = _layer_norm
         return norm(x, scale, bias, float(self.epsilon)).astype(self.dtype)
 
 
@@ -295,6 +340,20 @@ def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+
+
+def layer_norm_by_products(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """:class:`LayerNorm`'s formula with the two-pass mean and variance taken as products ``x·(1/W)``.
+
+    Same statistics as ``jnp.mean`` (two passes: the variance is the mean of ``(x − mean)²``)
+    up to summation order; used inside :func:`forward_pass_kernels`. ``x (..., W)``,
+    ``scale, bias (W,)``; returns ``(..., W)`` in ``x``'s dtype.
+    """
+    weights = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
+    mean = jnp.matmul(x, weights)
+    centred = x - mean
+    var = jnp.matmul(jnp.square(centred), weights)
+    return centred * (jax.lax.rsqrt(var + epsilon) * scale) + bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -537,6 +596,24 @@ def _causal_attention_hf(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
 
 
+def _causal_attention_post(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int) -> jax.Array:
+    """:func:`_causal_attention_hf`'s values with each piece's output normalised after ``E·V``."""
+    outs = []
+    for a, b in _chunk_bounds(q.shape[2], chunk):
+        logits = jnp.einsum("bhtd,bhsd->bhts", q[:, :, a:b], k[:, :, :b], preferred_element_type=jnp.float32)
+        logits = logits * jnp.float32(scale)
+        visible = jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None]
+        logits = jnp.where(visible, logits, 0.7 * jnp.finfo(jnp.float32).min)
+        e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        denominator = jnp.sum(e, axis=-1, keepdims=True)
+        out = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v[:, :, :b], preferred_element_type=jnp.float32)
+        outs.append((out * (1.0 / denominator)).astype(v.dtype))
+    return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+
+
+_causal_attention_hf_post = jax.custom_jvp(_causal_attention_post, nondiff_argnums=(3, 4))
+
+
 @_causal_attention_hf.defjvp
 def _causal_attention_jvp(scale, chunk, primals, tangents):
     """Tangents written so that their transposes (the backward pass) are ``(M,K)·(K,N)`` products.
@@ -565,6 +642,9 @@ def _causal_attention_jvp(scale, chunk, primals, tangents):
     return cat(outs), cat(d_outs)
 
 
+_causal_attention_hf_post.defjvp(_causal_attention_jvp)
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                      chunk: int = ATTENTION_CHUNK) -> jax.Array:
     """Causal softmax attention of ``q, k, v (B,T,H,hd)``; returns ``(B,T,H,hd)`` in ``v``'s dtype.
@@ -574,9 +654,12 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     ``0.7·finfo(float32).min``), computed in pieces of ``chunk`` query rows that each see
     only the keys up to their last row. Differentiable in both modes through a custom JVP
     whose transpose (the backward pass) keeps every product in a form XLA:CPU runs fast.
+    Inside :func:`forward_pass_kernels` (CPU) the undifferentiated values are computed with
+    the softmax denominator applied to the output rows instead (same values up to rounding).
     """
     hf = lambda x: jnp.swapaxes(x, 1, 2)
-    return hf(_causal_attention_hf(hf(q), hf(k), hf(v), float(scale), int(chunk)))
+    attention = _causal_attention_hf_post if _forward_pass_on() else _causal_attention_hf
+    return hf(attention(hf(q), hf(k), hf(v), float(scale), int(chunk)))
 
 
 def cache_write(buffer: jax.Array, chunk: jax.Array, pos: jax.Array | int) -> jax.Array:

@@ -12,14 +12,19 @@ alternating (``docs/performance.md``, "Side by side with the authors' code"):
 program     YNNPACK keeps               against the default
 ==========  ==========================  ============================
 ``train``   reductions                  1.10× (train step, ``small``, batch 32)
-``forward`` nothing                     1.42× (likelihood pass, batch 32)
+``forward`` reductions, with the        1.23× over YNNPACK for nothing, which was 1.42×
+            layers traced inside        over the default (likelihood pass, batch 32)
+            ``forward_pass_kernels``
 ``sample``  everything (XLA's default)  reductions only: 1.15× at batch 16, 1.00× at
                                         batch 1, 0.93× at batch 64 (cached inverse), so
                                         the samplers keep the default
 ==========  ==========================  ============================
 
 :func:`compiler_options` gives the ``compiler_options`` for ``jax.jit`` of one program
-kind. The results differ from the default compile by float32 rounding only (summation
+kind. A ``"forward"`` program should trace its layers inside
+:func:`tarflow_jax.layers.forward_pass_kernels` (as ``evaluate.jit_eval_step`` does): without
+it YNNPACK takes each LayerNorm's reductions together with the weight product after it and
+runs the product at its slower rate (the likelihood pass was then 0.90× the no-YNNPACK one). The results differ from the default compile by float32 rounding only (summation
 order inside the dots): train step 1e-9, forward ``z`` 6e-5 on values up to ~20.
 Set the environment variable ``TARFLOW_XLA_CPU_TUNING=0`` to compile with XLA's defaults.
 
@@ -43,7 +48,7 @@ OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _REDUCE = "LIBRARY_FUSION_TYPE_REDUCE"
 # YNNPACK fusion types kept per program kind (the rest go to XLA's own emitters); None:
 # XLA's default list.
-LIBRARY_FUSIONS: dict[str, tuple[str, ...] | None] = {"train": (_REDUCE,), "forward": (), "sample": None}
+LIBRARY_FUSIONS: dict[str, tuple[str, ...] | None] = {"train": (_REDUCE,), "forward": (_REDUCE,), "sample": None}
 ENV_SWITCH = "TARFLOW_XLA_CPU_TUNING"
 
 

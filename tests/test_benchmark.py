@@ -171,7 +171,8 @@ def test_reference_comparison_runs_and_agrees(tmp_path):
     # without --scan the comparison builds TarFlow's default (unscanned) model and says so
     assert result["scan"] is False and ref["model"]["scan_layers"] is False
     assert "scan_layers=False" in benchmark.benchmark_reference.format_reference(ref)
-    assert ref["xla_cpu"]["compiler_options"]["forward"] == {"xla_cpu_experimental_ynn_fusion_type": ""}  # CPU here
+    assert ref["xla_cpu"]["compiler_options"]["forward"] == {"xla_cpu_experimental_ynn_fusion_type":
+                                                            "LIBRARY_FUSION_TYPE_REDUCE"}  # CPU here
     assert "XLA:CPU options on" in benchmark.benchmark_reference.format_reference(ref)
 
 

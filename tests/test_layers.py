@@ -144,3 +144,41 @@ def test_add_rows_gradient_and_bad_shapes():
     np.testing.assert_array_equal(layers.add_rows(x, rows), x + rows)
     with pytest.raises(ValueError, match="trailing axes"):
         layers.add_rows(x, rows.T)
+
+
+def test_forward_pass_kernels_same_values_and_derivatives(tiny_cond, monkeypatch):
+    model, variables = tiny_cond
+    x = jax.random.uniform(jax.random.key(11), (3, 8, 8, 1), minval=-1, maxval=1)
+    y = jnp.array([0, 2, -1])
+    apply = lambda v, x: model.apply(v, x, y)
+    plain_jaxpr = str(jax.make_jaxpr(apply)(variables, x))
+    with layers.forward_pass_kernels():
+        kernels_jaxpr = str(jax.make_jaxpr(lambda v, x: apply(v, x))(variables, x))
+        got = jax.jit(lambda v, x: apply(v, x))(variables, x)
+        # derivatives through it are the usual ones (the attention keeps its custom JVP)
+        loss = _loss_fn(model, variables, x, y)
+        grads = jax.jit(jax.grad(lambda p: loss(p)))(variables["params"])
+        jvp_out = jax.jvp(lambda x: apply(variables, x)[0], (x,), (jnp.ones_like(x),))[1]
+    assert kernels_jaxpr != plain_jaxpr and kernels_jaxpr.count("dot_general") > plain_jaxpr.count("dot_general")
+    for a, b in zip(got, jax.jit(apply)(variables, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.jit(jax.grad(loss))(variables["params"]))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(jvp_out, jax.jvp(lambda x: apply(variables, x)[0], (x,), (jnp.ones_like(x),))[1],
+                               rtol=1e-4, atol=1e-5)
+    # nothing changes inside reverse_mode_vjps (the train step) or with the CPU tuning off
+    with layers.reverse_mode_vjps():
+        reverse_jaxpr = str(jax.make_jaxpr(lambda v, x: apply(v, x))(variables, x))
+        with layers.forward_pass_kernels():
+            assert str(jax.make_jaxpr(lambda v, x: apply(v, x))(variables, x)) == reverse_jaxpr
+    monkeypatch.setenv("TARFLOW_XLA_CPU_TUNING", "0")
+    with layers.forward_pass_kernels():
+        assert str(jax.make_jaxpr(lambda v, x: apply(v, x))(variables, x)) == plain_jaxpr
+    assert not layers._forward_pass_on()
+
+
+def test_layer_norm_by_products_matches_layer_norm():
+    x = 3.0 * jax.random.normal(jax.random.key(12), (5, 7, 96)) + 2.0
+    scale, bias = 1.0 + 0.1 * jax.random.normal(jax.random.key(13), (96,)), jnp.full((96,), 0.3)
+    np.testing.assert_allclose(layers.layer_norm_by_products(x, scale, bias, 1e-5),
+                               layers._layer_norm(x, scale, bias, 1e-5), rtol=1e-5, atol=2e-6)

@@ -1,6 +1,7 @@
 """Per-program XLA:CPU compiler options (tarflow_jax.xla_cpu): where they apply and that they take effect."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,28 +13,52 @@ from tarflow_jax.flow import TarFlow
 
 
 def test_options_per_program_and_platform(monkeypatch):
-    assert xla_cpu.compiler_options("forward", "cpu") == {xla_cpu.OPTION: ""}
+    assert xla_cpu.compiler_options("forward", "cpu") == {xla_cpu.OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}
     assert xla_cpu.compiler_options("train", "cpu") == {xla_cpu.OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}
     assert xla_cpu.compiler_options("train") == xla_cpu.compiler_options("train", "cpu")  # default backend: CPU
     assert xla_cpu.compiler_options("sample", "cpu") is None  # the samplers keep XLA's defaults
     assert xla_cpu.compiler_options("train", "tpu") is None  # a TPU program (the aot dry run) keeps its defaults
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    assert xla_cpu.compiler_options("forward", mesh) == {xla_cpu.OPTION: ""}
+    assert xla_cpu.compiler_options("forward", mesh) == {xla_cpu.OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}
     monkeypatch.setenv(xla_cpu.ENV_SWITCH, "0")
     assert xla_cpu.compiler_options("train", "cpu") is None
     with pytest.raises(ValueError, match="program must be one of"):
         xla_cpu.compiler_options("backward", "cpu")
 
 
-def test_forward_option_moves_dots_off_ynnpack_with_the_same_result(tiny_uncond):
-    model, variables = tiny_uncond
-    x = jax.random.uniform(jax.random.key(0), (4, model.img_size, model.img_size, model.in_channels),
-                           minval=-1, maxval=1)
-    fwd = lambda v, x: model.apply(v, x)
-    default = jax.jit(fwd).lower(variables, x).compile()
+def _weight_products_in_ynnpack(compiled) -> list[str]:
+    """The layers whose weight product (``qkv``, ``attn_out``, ``mlp_in``, ``mlp_out``) runs inside a YNNPACK fusion."""
+    text = compiled.as_text()
+    called = re.findall(r"kind=kCustom, calls=(%[\w.\-]+).*__ynn_fusion", text)
+    found = []
+    for name in called:
+        body = re.search(re.escape(name) + r" [^\n]*\{\n(.*?)\n\}", text, re.S).group(1)
+        found += re.findall(r" dot\(.*op_name=\"[^\"]*/(qkv|attn_out|mlp_in|mlp_out)/", body)
+    return found
+
+
+def test_forward_program_keeps_ynnpack_for_reductions_with_the_same_result():
+    from conftest import random_variables
+    from tarflow_jax import layers
+
+    # `small`'s layer shapes (8192 rows of width 256): at these sizes YNNPACK takes a LayerNorm's
+    # reductions together with the weight product after it, unless the kernels below are on.
+    model = TarFlow(img_size=32, in_channels=3, patch_size=2, channels=256, num_blocks=1, layers_per_block=1)
+    variables = random_variables(model, seed=3)
+    x = jax.random.uniform(jax.random.key(0), (32, 32, 32, 3), minval=-1, maxval=1)
+
+    def fwd(v, x):  # as evaluate.jit_eval_step traces it
+        with layers.forward_pass_kernels():
+            return model.apply(v, x)
+
+    default = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile()
     tuned = jax.jit(fwd, compiler_options=xla_cpu.compiler_options("forward", "cpu")).lower(variables, x).compile()
-    # the option takes effect: the default hands the dots to YNNPACK, the tuned compile does not
-    assert "ynn_fusion" in default.as_text() and "ynn_fusion" not in tuned.as_text()
+    # the option takes effect: by default YNNPACK runs the weight products (the LayerNorm in front
+    # of each one fused in); in the tuned program every weight product is XLA's own `dot`
+    assert _weight_products_in_ynnpack(default)
+    assert not _weight_products_in_ynnpack(tuned)
+    assert _weight_products_in_ynnpack(jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile(
+        compiler_options=xla_cpu.compiler_options("forward", "cpu")))  # the options without the kernels
     for a, b in zip(default(variables, x), tuned(variables, x)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
 

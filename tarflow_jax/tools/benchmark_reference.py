@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tarflow_jax import train, train_state, xla_cpu
+from tarflow_jax import layers, train, train_state, xla_cpu
 from tarflow_jax.convert import from_torch_state_dict
 from tarflow_jax.flow import TarFlow, patchify, unpatchify
 
@@ -203,7 +203,11 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
     x_t = _torch_images(x_np)
 
     # ---- agreement: the same function on the same input
-    fwd = jax.jit(lambda v, x, y: model.apply(v, x, y), compiler_options=xla_cpu.compiler_options("forward"))
+    def forward(v, x, y):  # as the library's eval step traces and compiles its forward pass
+        with layers.forward_pass_kernels():
+            return model.apply(v, x, y)
+
+    fwd = jax.jit(forward, compiler_options=xla_cpu.compiler_options("forward"))
     y_j = None if labels is None else jnp.asarray(labels)
     z_ours, logdet_ours = fwd(variables, jnp.asarray(x_np), y_j)
     with torch.no_grad():
