@@ -131,12 +131,19 @@ def reverse_mode_vjps():
     (reverse mode only) traces inside it; everything else, including users' own code,
     keeps JAX's own differentiation unless it enters the context.
     """
-    previous = getattr(_REVERSE_MODE, "on", False)
-    _REVERSE_MODE.on = True
+    with _switched_on(_REVERSE_MODE):
+        yield
+
+
+@contextlib.contextmanager
+def _switched_on(flag: threading.local):
+    """Sets ``flag.on`` for the ``with`` block, restoring the previous value after."""
+    previous = getattr(flag, "on", False)
+    flag.on = True
     try:
         yield
     finally:
-        _REVERSE_MODE.on = previous
+        flag.on = previous
 
 
 _FORWARD_PASS = threading.local()  # .on: per thread, like _REVERSE_MODE
@@ -171,12 +178,8 @@ def forward_pass_kernels():
     ``TARFLOW_XLA_CPU_TUNING=0`` it changes nothing. Entered by
     :func:`tarflow_jax.evaluate.jit_eval_step` and the benchmarks' forward passes.
     """
-    previous = getattr(_FORWARD_PASS, "on", False)
-    _FORWARD_PASS.on = True
-    try:
+    with _switched_on(_FORWARD_PASS):
         yield
-    finally:
-        _FORWARD_PASS.on = previous
 
 
 def sum_leading(x: jax.Array, num_axes: int) -> jax.Array:
@@ -336,10 +339,16 @@ class LayerNorm(nn.Module):
         return norm(x, scale, bias, float(self.epsilon)).astype(self.dtype)
 
 
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+def _layer_norm_stats(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """Two-pass ``mean`` and ``rsqrt(var + epsilon)`` over the last axis (kept as ``(..., 1)``)."""
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    mean, rstd = _layer_norm_stats(x, epsilon)
+    return (x - mean) * (rstd * scale) + bias
 
 
 def layer_norm_by_products(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
@@ -372,8 +381,7 @@ def layer_norm_vjp(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: flo
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + epsilon)
+    mean, rstd = _layer_norm_stats(x, epsilon)
     return (x - mean) * (rstd * scale) + bias, (x, mean, rstd, scale)
 
 
@@ -580,13 +588,17 @@ def _chunk_bounds(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, num_tokens)) for a in range(0, num_tokens, chunk)]
 
 
-def _causal_probs(q: jax.Array, k: jax.Array, a: int, b: int, scale: float) -> jax.Array:
-    """Float32 softmax rows ``a..b-1`` over keys ``0..b-1`` of heads-first ``q, k (B,H,T,hd)``."""
+def _causal_logits(q: jax.Array, k: jax.Array, a: int, b: int, scale: float) -> jax.Array:
+    """Float32 scaled logits of rows ``a..b-1`` over keys ``0..b-1`` of heads-first ``q, k (B,H,T,hd)``, masked."""
     logits = jnp.einsum("bhtd,bhsd->bhts", q[:, :, a:b], k[:, :, :b], preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(scale)
     visible = jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None]
-    logits = jnp.where(visible, logits, 0.7 * jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(logits, axis=-1)
+    return jnp.where(visible, logits, 0.7 * jnp.finfo(jnp.float32).min)
+
+
+def _causal_probs(q: jax.Array, k: jax.Array, a: int, b: int, scale: float) -> jax.Array:
+    """Float32 softmax of :func:`_causal_logits`."""
+    return jax.nn.softmax(_causal_logits(q, k, a, b, scale), axis=-1)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -600,10 +612,7 @@ def _causal_attention_post(q: jax.Array, k: jax.Array, v: jax.Array, scale: floa
     """:func:`_causal_attention_hf`'s values with each piece's output normalised after ``E·V``."""
     outs = []
     for a, b in _chunk_bounds(q.shape[2], chunk):
-        logits = jnp.einsum("bhtd,bhsd->bhts", q[:, :, a:b], k[:, :, :b], preferred_element_type=jnp.float32)
-        logits = logits * jnp.float32(scale)
-        visible = jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None]
-        logits = jnp.where(visible, logits, 0.7 * jnp.finfo(jnp.float32).min)
+        logits = _causal_logits(q, k, a, b, scale)
         e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
         denominator = jnp.sum(e, axis=-1, keepdims=True)
         out = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v[:, :, :b], preferred_element_type=jnp.float32)
