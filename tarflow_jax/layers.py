@@ -176,7 +176,10 @@ def forward_pass_kernels():
     options the ``small`` likelihood pass at batch 32 ran 1.26× faster than without them
     (docs/performance.md). Inside :func:`reverse_mode_vjps`, on other platforms or with
     ``TARFLOW_XLA_CPU_TUNING=0`` it changes nothing. Entered by
-    :func:`tarflow_jax.evaluate.jit_eval_step` and the benchmarks' forward passes.
+    :func:`tarflow_jax.evaluate.jit_eval_step` and the benchmarks' forward passes. Like
+    :func:`reverse_mode_vjps` it applies to functions traced inside the ``with`` block: a
+    ``jax.jit`` function already traced outside it keeps that trace, so enter the context
+    inside the jitted function (as ``jit_eval_step`` does).
     """
     with _switched_on(_FORWARD_PASS):
         yield
@@ -201,7 +204,12 @@ def sum_leading(x: jax.Array, num_axes: int) -> jax.Array:
       num_axes: how many leading axes to sum over (``0 <= num_axes <= x.ndim``).
 
     Returns: ``rest``-shaped array in ``x``'s dtype.
+
+    Raises:
+      ValueError: ``num_axes`` is not an integer in ``0..x.ndim``.
     """
+    if isinstance(num_axes, bool) or not isinstance(num_axes, int) or not 0 <= num_axes <= x.ndim:
+        raise ValueError(f"num_axes must be an integer in 0..{x.ndim} (x has shape {x.shape}); got {num_axes!r}")
     lead, rest = x.shape[:num_axes], x.shape[num_axes:]
     n, m = math.prod(lead), math.prod(rest)
     flat = x.reshape(n, m).astype(float32_or_wider(x.dtype))
@@ -220,9 +228,12 @@ def add_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
 
     Args:
       x: ``(*lead, *rest)``.
-      rows: ``rest``-shaped, the same dtype as ``x``.
+      rows: ``rest``-shaped (TarFlow passes both in the residual stream's dtype).
 
-    Returns: ``x + rows``, shaped like ``x``.
+    Returns: ``x + rows``, shaped like ``x``, in JAX's promoted dtype of the two.
+
+    Raises:
+      ValueError: ``rows``' shape is not the trailing part of ``x``'s.
     """
     if x.shape[x.ndim - rows.ndim:] != rows.shape:
         raise ValueError(f"rows {rows.shape} must match the trailing axes of x {x.shape}")

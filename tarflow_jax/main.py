@@ -62,9 +62,9 @@ def parse_flags(argv: list[str], fv: flags.FlagValues = FLAGS) -> list[str]:
     Returns:
       The arguments left over.
     """
-    fv(argv, known_only=True)  # --workdir and --mode decide what --config is
     given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
     try:
+        fv(argv, known_only=True)  # --workdir and --mode decide what --config is
         if given or fv.mode == "train":
             config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
                                             lock_config=True, sys_argv=list(argv), flag_values=fv)
@@ -72,12 +72,18 @@ def parse_flags(argv: list[str], fv: flags.FlagValues = FLAGS) -> list[str]:
             stored = workdir_lib.load_config(fv.workdir) if fv.workdir else None
             config_flags.DEFINE_config_dict("config", stored, "The run's stored config (WORKDIR/config.json).",
                                             lock_config=True, sys_argv=list(argv), flag_values=fv)
-        if fv is FLAGS:
-            return app.parse_flags_with_usage(argv)
-        return fv(argv)
-    except FileNotFoundError as e:
-        sys.exit(f"FATAL: {e}; or pass --config=configs/NAME.py")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:  # e.g. --config.no_such_field
+        rest = app.parse_flags_with_usage(argv) if fv is FLAGS else fv(argv)
+        # A config file that failed to load raises only when the config is first used: use it now.
+        getattr(fv.config, "keys", None)
+        return rest
+    except flags.Error as e:  # a missing --workdir, an unknown --mode, an unknown flag
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --help to see help on flags.")
+    except OSError as e:  # --config=FILE that does not exist or cannot be read
+        sys.exit(f"FATAL: {e}; pass --config=configs/NAME.py, a config file that exists")
+    except KeyError as e:  # --config.no_such_field=...
+        sys.exit(f"FATAL Flags parsing error: the config has no field {e}; a --config.FIELD=VALUE "
+                 f"override names a field the config does not define (see the config file)")
+    except (AttributeError, TypeError, ValueError) as e:
         sys.exit(f"FATAL Flags parsing error: {e}\nPass --help to see help on flags.")
 
 
@@ -147,6 +153,10 @@ def main(argv):
         logging.info("XLA:CPU: host memory of temporaries reused between steps (%s)", reused)
     config = FLAGS.config
     if FLAGS.mode == "train":
+        try:  # the checks that need no devices, before JAX starts any work
+            train.validate_config(config)
+        except ValueError as e:
+            sys.exit(f"FATAL: {e}")
         state = train.train_and_evaluate(config, FLAGS.workdir)
         logging.info("finished at step %d", int(state.step))
     elif FLAGS.mode == "eval":

@@ -83,8 +83,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"config.noise_std must be > 0 for gaussian noise; got {config.noise_std}")
     for name in ("batch_size", "num_train_steps", "checkpoint_every_steps", "eval_every_steps",
                  "sample_every_steps", "log_every_steps"):
-        if config[name] < 0 or (name in ("batch_size", "log_every_steps") and config[name] == 0):
-            raise ValueError(f"config.{name}={config[name]} must be positive (0 disables periodic actions)")
+        if name in ("batch_size", "log_every_steps") and config[name] <= 0:
+            raise ValueError(f"config.{name}={config[name]} must be positive")
+        if config[name] < 0:
+            disables = " (0 disables it)" if name.endswith("_every_steps") else ""
+            raise ValueError(f"config.{name}={config[name]} must be >= 0{disables}")
     if not config.learning_rate > 0:
         raise ValueError(f"config.learning_rate={config.learning_rate} must be > 0")
     if not 0 <= config.ema_decay < 1:

@@ -193,3 +193,23 @@ def test_overrides_in_eval_and_sample_mode_parse_against_the_stored_config(tmp_p
                                      "--config.eval.num_draws=4"], tmp_path)
         assert config.dataset.data_dir == "gs://b/tfds" and config.dataset.resize == "center_crop"
         assert config.sample.labels == (1, 2) and config.eval.num_draws == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config=configs/digits.py"], "--workdir must have a value"),  # no --workdir
+    (["--workdir=W", "--mode=bogus"], "--mode"),
+    (["--workdir=W", "--config=configs/no_such_config.py"], "a config file that exists"),
+    (["--workdir=W", "--config=configs/digits.py", "--config.no_such_group.batch_size=3"], "has no field"),
+    (["--workdir=W", "--config=configs/digits.py", "--config.batch_size=abc"], "batch_size"),
+])
+def test_main_flag_errors_exit_with_a_message(argv, message, tmp_path, monkeypatch):
+    """Bad command lines stop in main's flag parser with one FATAL line, not a traceback."""
+    monkeypatch.chdir(ROOT)
+    fv = flags.FlagValues()
+    main.define_flags(fv)
+    argv = [a.replace("--workdir=W", f"--workdir={tmp_path / 'run'}") for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_flags(["main", *argv], fv)
+    assert isinstance(exit_info.value.code, str) and exit_info.value.code.startswith("FATAL")
+    assert message in exit_info.value.code
+    assert not (tmp_path / "run").exists()

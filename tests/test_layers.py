@@ -182,3 +182,9 @@ def test_layer_norm_by_products_matches_layer_norm():
     scale, bias = 1.0 + 0.1 * jax.random.normal(jax.random.key(13), (96,)), jnp.full((96,), 0.3)
     np.testing.assert_allclose(layers.layer_norm_by_products(x, scale, bias, 1e-5),
                                layers._layer_norm(x, scale, bias, 1e-5), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("num_axes", [-1, 4, 1.5, True])
+def test_sum_leading_rejects_bad_axis_counts(num_axes):
+    with pytest.raises(ValueError, match="num_axes must be an integer in 0..3"):
+        layers.sum_leading(jnp.ones((2, 3, 4)), num_axes)
