@@ -63,8 +63,9 @@ def jit_eval_step(model: TarFlow, config: ml_collections.ConfigDict, mesh: jax.s
     ``batch`` is an eval batch (``image``, ``label``, ``mask``) split over the data axes of
     ``mesh``; the forward pass runs per device at ``config.matmul_precision`` (see
     :func:`_batch_sums`), traced inside :func:`tarflow_jax.layers.forward_pass_kernels` and
-    compiled with the ``"forward"`` XLA:CPU options (both change nothing off CPU). It can be ``.trace``d with abstract arguments (the compile-only
-    dry run, ``tarflow_jax.tools.aot``, does).
+    compiled with the ``"forward"`` XLA:CPU options (both change nothing off CPU). It can be
+    ``.trace``d with abstract arguments (the compile-only dry run, ``tarflow_jax.tools.aot``,
+    does).
     """
     sums = functools.partial(_batch_sums, model=model, num_levels=config.dataset.num_levels,
                              num_draws=num_draws, mesh=mesh)

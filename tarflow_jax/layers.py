@@ -90,7 +90,7 @@ class DenseGeneral(nn.Module):
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         trailing = axis == tuple(range(x.ndim - len(axis), x.ndim))
-        if _reverse_mode_on() and trailing and target_platform() == "cpu":
+        if _reverse_mode_on() and trailing:
             k = math.prod(kernel.shape[:len(axis)])
             return _dense_xt_dy(x.reshape(-1, k), kernel.reshape(k, -1), bias.reshape(-1)
                                 ).reshape(x.shape[:-len(axis)] + features)
@@ -102,7 +102,9 @@ _REVERSE_MODE = threading.local()  # .on: per thread, so other threads' traces a
 
 
 def _reverse_mode_on() -> bool:
-    return getattr(_REVERSE_MODE, "on", False) and xla_cpu.tuning_enabled()
+    """Whether the hand-written VJPs apply to the layers being traced: inside
+    :func:`reverse_mode_vjps`, CPU tuning on, CPU target."""
+    return getattr(_REVERSE_MODE, "on", False) and xla_cpu.tuning_enabled() and target_platform() == "cpu"
 
 
 @contextlib.contextmanager
@@ -150,8 +152,8 @@ _FORWARD_PASS = threading.local()  # .on: per thread, like _REVERSE_MODE
 
 
 def _forward_pass_on() -> bool:
-    return (getattr(_FORWARD_PASS, "on", False) and not _reverse_mode_on() and xla_cpu.tuning_enabled()
-            and target_platform() == "cpu")
+    return (getattr(_FORWARD_PASS, "on", False) and not getattr(_REVERSE_MODE, "on", False)
+            and xla_cpu.tuning_enabled() and target_platform() == "cpu")
 
 
 @contextlib.contextmanager
@@ -237,7 +239,7 @@ def add_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     """
     if x.shape[x.ndim - rows.ndim:] != rows.shape:
         raise ValueError(f"rows {rows.shape} must match the trailing axes of x {x.shape}")
-    if _reverse_mode_on() and target_platform() == "cpu":
+    if _reverse_mode_on():
         return _add_rows(x, rows, x.ndim - rows.ndim)
     return x + rows
 
@@ -341,7 +343,7 @@ class LayerNorm(nn.Module):
                           (width,), self.param_dtype)
         wide = jnp.promote_types(self.dtype, jnp.float32)
         x, scale, bias = x.astype(wide), scale.astype(wide), bias.astype(wide)
-        if _reverse_mode_on() and target_platform() == "cpu":
+        if _reverse_mode_on():
             norm = layer_norm_vjp
         elif _forward_pass_on():
             norm = layer_norm_by_products
@@ -599,6 +601,11 @@ def _chunk_bounds(num_tokens: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, num_tokens)) for a in range(0, num_tokens, chunk)]
 
 
+def _join_pieces(pieces: list[jax.Array]) -> jax.Array:
+    """The per-piece ``(B,H,rows,hd)`` attention outputs joined along the rows."""
+    return jnp.concatenate(pieces, axis=2) if len(pieces) > 1 else pieces[0]
+
+
 def _causal_logits(q: jax.Array, k: jax.Array, a: int, b: int, scale: float) -> jax.Array:
     """Float32 scaled logits of rows ``a..b-1`` over keys ``0..b-1`` of heads-first ``q, k (B,H,T,hd)``, masked."""
     logits = jnp.einsum("bhtd,bhsd->bhts", q[:, :, a:b], k[:, :, :b], preferred_element_type=jnp.float32)
@@ -616,7 +623,7 @@ def _causal_probs(q: jax.Array, k: jax.Array, a: int, b: int, scale: float) -> j
 def _causal_attention_hf(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int) -> jax.Array:
     outs = [jnp.einsum("bhts,bhsd->bhtd", _causal_probs(q, k, a, b, scale).astype(v.dtype), v[:, :, :b])
             for a, b in _chunk_bounds(q.shape[2], chunk)]
-    return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return _join_pieces(outs)
 
 
 def _causal_attention_post(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int) -> jax.Array:
@@ -628,7 +635,7 @@ def _causal_attention_post(q: jax.Array, k: jax.Array, v: jax.Array, scale: floa
         denominator = jnp.sum(e, axis=-1, keepdims=True)
         out = jnp.einsum("bhts,bhsd->bhtd", e.astype(v.dtype), v[:, :, :b], preferred_element_type=jnp.float32)
         outs.append((out * (1.0 / denominator)).astype(v.dtype))
-    return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return _join_pieces(outs)
 
 
 _causal_attention_hf_post = jax.custom_jvp(_causal_attention_post, nondiff_argnums=(3, 4))
@@ -658,8 +665,7 @@ def _causal_attention_jvp(scale, chunk, primals, tangents):
         dp = p * (d_logits - jnp.sum(p * d_logits, axis=-1, keepdims=True))
         d_out = jnp.einsum("bhts,bhsd->bhtd", dp.astype(v.dtype), v[:, :, :b])
         d_outs.append(d_out + jnp.swapaxes(jnp.einsum("bhds,bhts->bhdt", dv_t[:, :, :, :b], pv), 2, 3))
-    cat = lambda xs: jnp.concatenate(xs, axis=2) if len(xs) > 1 else xs[0]
-    return cat(outs), cat(d_outs)
+    return _join_pieces(outs), _join_pieces(d_outs)
 
 
 _causal_attention_hf_post.defjvp(_causal_attention_jvp)

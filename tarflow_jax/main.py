@@ -76,14 +76,12 @@ def parse_flags(argv: list[str], fv: flags.FlagValues = FLAGS) -> list[str]:
         # A config file that failed to load raises only when the config is first used: use it now.
         getattr(fv.config, "keys", None)
         return rest
-    except flags.Error as e:  # a missing --workdir, an unknown --mode, an unknown flag
-        sys.exit(f"FATAL Flags parsing error: {e}\nPass --help to see help on flags.")
     except OSError as e:  # --config=FILE that does not exist or cannot be read
         sys.exit(f"FATAL: {e}; pass --config=configs/NAME.py, a config file that exists")
     except KeyError as e:  # --config.no_such_field=...
         sys.exit(f"FATAL Flags parsing error: the config has no field {e}; a --config.FIELD=VALUE "
                  f"override names a field the config does not define (see the config file)")
-    except (AttributeError, TypeError, ValueError) as e:
+    except (flags.Error, AttributeError, TypeError, ValueError) as e:  # e.g. a missing --workdir, an unknown --mode
         sys.exit(f"FATAL Flags parsing error: {e}\nPass --help to see help on flags.")
 
 

@@ -24,8 +24,9 @@ program     YNNPACK keeps               against the default
 kind. A ``"forward"`` program should trace its layers inside
 :func:`tarflow_jax.layers.forward_pass_kernels` (as ``evaluate.jit_eval_step`` does): without
 it YNNPACK takes each LayerNorm's reductions together with the weight product after it and
-runs the product at its slower rate (the likelihood pass was then 0.90× the no-YNNPACK one). The results differ from the default compile by float32 rounding only (summation
-order inside the dots): train step 1e-9, forward ``z`` 6e-5 on values up to ~20.
+runs the product at its slower rate (the likelihood pass was then 0.90× the no-YNNPACK one).
+The results differ from the default compile by float32 rounding only (summation order inside
+the dots): train step 1e-9, forward ``z`` 6e-5 on values up to ~20.
 Set the environment variable ``TARFLOW_XLA_CPU_TUNING=0`` to compile with XLA's defaults.
 
 :func:`reuse_host_memory` (process-wide, called by ``tarflow_jax.main`` and the benchmark)

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from tarflow_jax import configlib, layers, sampling, train, train_state, xla_cpu
+from tarflow_jax import configlib, sampling, train, train_state, xla_cpu
 from tarflow_jax.flow import TarFlow, count_params
 from tarflow_jax.tools import cli
 from tarflow_jax.tools import benchmark_reference
@@ -302,11 +302,7 @@ def bench_forward(model: TarFlow, variables: Any, batch: int, steps: int, warmup
     x = jax.random.uniform(jax.random.key(seed + 10), (batch, model.img_size, model.img_size,
                                                       model.in_channels), minval=-1, maxval=1)
     y = _labels(model, batch)
-    def forward(v, x, y):  # as the library's eval step traces and compiles its forward pass
-        with layers.forward_pass_kernels():
-            return model.apply(v, x, y)
-
-    compiled, lower_s, compile_s = compile_timed(forward, variables, x, y,
+    compiled, lower_s, compile_s = compile_timed(benchmark_reference.forward_pass(model), variables, x, y,
                                                  compiler_options=xla_cpu.compiler_options("forward"))
     call = lambda: compiled(variables, x, y)
     times = time_calls(call, steps, warmup)

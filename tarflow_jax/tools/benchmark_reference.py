@@ -148,6 +148,15 @@ def _torch_images(x: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 
 
+def forward_pass(model: TarFlow) -> Callable[[Any, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]:
+    """``(variables, x, y) -> (z, logdet)`` traced as the library's eval step traces its forward
+    pass (inside ``layers.forward_pass_kernels``); jit it with ``xla_cpu.compiler_options("forward")``."""
+    def forward(variables, x, y):
+        with layers.forward_pass_kernels():
+            return model.apply(variables, x, y)
+    return forward
+
+
 def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: int, head_std: float,
             path: str, train_config: Any = None, train_batch: int = 32, sample_batch: int = 16,
             noise_std: float = 0.05, torch_threads: int | None = None) -> dict[str, Any]:
@@ -203,11 +212,7 @@ def compare(model: TarFlow, what: list[str], *, steps: int, warmup: int, seed: i
     x_t = _torch_images(x_np)
 
     # ---- agreement: the same function on the same input
-    def forward(v, x, y):  # as the library's eval step traces and compiles its forward pass
-        with layers.forward_pass_kernels():
-            return model.apply(v, x, y)
-
-    fwd = jax.jit(forward, compiler_options=xla_cpu.compiler_options("forward"))
+    fwd = jax.jit(forward_pass(model), compiler_options=xla_cpu.compiler_options("forward"))
     y_j = None if labels is None else jnp.asarray(labels)
     z_ours, logdet_ours = fwd(variables, jnp.asarray(x_np), y_j)
     with torch.no_grad():
