@@ -175,8 +175,8 @@ def forward_pass_kernels():
     The values differ from the plain forward by float32 rounding (``small``: max |Δz| ~3e-6
     on values up to ~20); derivatives taken through it are the usual ones (the attention
     keeps its custom JVP; the products are differentiable). Together with the ``"forward"``
-    options the ``small`` likelihood pass at batch 32 ran 1.26× faster than without them
-    (docs/performance.md). Inside :func:`reverse_mode_vjps`, on other platforms or with
+    options the ``small`` likelihood pass at batch 32 ran 1.23× faster than the earlier
+    program (plain layers, no YNNPACK; docs/performance.md). Inside :func:`reverse_mode_vjps`, on other platforms or with
     ``TARFLOW_XLA_CPU_TUNING=0`` it changes nothing. Entered by
     :func:`tarflow_jax.evaluate.jit_eval_step` and the benchmarks' forward passes. Like
     :func:`reverse_mode_vjps` it applies to functions traced inside the ``with`` block: a
