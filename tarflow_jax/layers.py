@@ -111,7 +111,7 @@ def _reverse_mode_on() -> bool:
 def reverse_mode_vjps():
     """Layers traced inside differentiate through hand-written VJPs (CPU only; reverse mode only).
 
-    Two layers switch, each to a backward pass XLA:CPU runs faster than the one JAX derives
+    Three parts switch, each to a backward pass XLA:CPU runs faster than the one JAX derives
     (the ``small`` train step at batch 32; docs/performance.md):
 
     * :class:`DenseGeneral` (1.12–1.18×): for ``y = x·W`` with ``x (N, K)`` and ``W (K, M)``,
@@ -122,6 +122,8 @@ def reverse_mode_vjps():
       values up to float summation order. Only where the contracted axes are the input's
       trailing ones.
     * :class:`LayerNorm` (about 1.02×): the closed-form backward of :func:`layer_norm_vjp`.
+    * :func:`gelu` (about 1.016×, 256 MiB fewer temporaries): :func:`gelu_vjp` keeps only
+      its input for the backward pass.
 
     Applies when the traced code targets CPU (:func:`target_platform`); elsewhere nothing
     changes. It applies to functions traced inside the ``with`` block by the same thread
@@ -587,8 +589,48 @@ def gelu(x: jax.Array) -> jax.Array:
 
     Same function as ``nn.gelu(x, approximate=False)``, which evaluates ``erfc``: on XLA:CPU
     ``erf`` is one vectorised polynomial, ``erfc`` a branchy one that costs more per element.
+    Computed in float32 for bfloat16 ``x`` (as PyTorch's GELU does; in bfloat16, ``1 + erf``
+    rounds to 0 for ``x`` below about −2.5), returned in ``x``'s dtype. Inside
+    :func:`reverse_mode_vjps` (CPU) it differentiates through :func:`gelu_vjp`.
     """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+    if _reverse_mode_on():
+        return gelu_vjp(x)
+    return _gelu(x)
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    wide = x.astype(float32_or_wider(x.dtype))  # as PyTorch: bfloat16 in and out, float32 inside
+    return (0.5 * wide * (1.0 + jax.lax.erf(wide * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
+
+
+@jax.custom_vjp
+def gelu_vjp(x: jax.Array) -> jax.Array:
+    """:func:`gelu` (any shape and float dtype) whose backward pass keeps only ``x`` and recomputes ``Φ`` and ``φ``.
+
+    ``d/dx [x·Φ(x)] = Φ(x) + x·φ(x)`` with ``φ(x) = exp(−x²/2)/√(2π)``. Autodiff of the
+    forward formula makes the forward pass write ``erf`` and ``exp`` terms of the
+    ``(tokens, expansion·width)`` hidden layer as extra residuals (four elementwise passes
+    where the value needs one); here the backward pass computes the derivative from ``x`` in
+    one fused pass. ``Φ`` is written there as ``0.5·(1 − erf(−x/√2))`` (the same value: ``erf``
+    is odd), so that XLA's common-subexpression pass cannot merge it with the forward's
+    ``erf(x/√2)`` and keep that as a residual after all. ``small`` train step at batch 32 on
+    CPU: 1.016× faster, 256 MiB fewer temporaries (docs/performance.md). Reverse mode only.
+    """
+    return _gelu(x)
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, dy: jax.Array) -> tuple[jax.Array]:
+    wide = x.astype(float32_or_wider(x.dtype))
+    cdf = 0.5 * (1.0 - jax.lax.erf(wide * (-1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * wide * wide) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((dy.astype(wide.dtype) * (cdf + wide * pdf)).astype(x.dtype),)
+
+
+gelu_vjp.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 # Query rows per piece of the causal attention below: each piece attends only to the keys

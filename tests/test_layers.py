@@ -1,4 +1,4 @@
-"""Layer-level numerics: the reverse-mode VJPs (dense weight gradients, LayerNorm) used by the train step."""
+"""Layer-level numerics: the reverse-mode VJPs (dense weight gradients, LayerNorm, GELU) used by the train step."""
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +113,28 @@ def test_layer_norm_matches_flax_and_its_vjp_matches_autodiff(dtype, param_dtype
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
+def test_gelu_matches_flax_and_its_vjp_matches_autodiff(dtype, rtol):
+    x = (3.0 * jax.random.normal(jax.random.key(8), (5, 300))).astype(dtype)
+    # The float32 reference, as PyTorch computes GELU for bfloat16 inputs too.
+    exact = lambda x: nn.gelu(x.astype(jnp.float32), approximate=False)
+    got = jax.jit(layers.gelu)(x)
+    assert got.dtype == dtype
+    b = np.asarray(jax.jit(exact)(x))
+    np.testing.assert_allclose(np.asarray(got, np.float32), b, rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
+    expected = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(exact(x)))))(x), np.float32)
+    with layers.reverse_mode_vjps():
+        assert "custom_vjp" in str(jax.make_jaxpr(lambda x: layers.gelu(x))(x))  # a fresh function: traces are cached
+        got = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(layers.gelu(x).astype(jnp.float32)))))(x)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=rtol,
+                               atol=rtol * float(np.max(np.abs(expected))))
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: layers.gelu(x))(x))  # only inside the context
+    # bfloat16 in the tail: float32 inside keeps GELU(-3) = -0.00405 instead of rounding 1 + erf to 0.
+    if dtype == jnp.bfloat16:
+        assert float(layers.gelu(jnp.asarray(-3.0, dtype))) == pytest.approx(-0.00405, rel=1e-2)
 
 
 @pytest.mark.parametrize("shape, num_axes, dtype", [
