@@ -616,7 +616,7 @@ def gelu_vjp(x: jax.Array) -> jax.Array:
 
     ``d/dx [x·Φ(x)] = Φ(x) + x·φ(x)`` with ``φ(x) = exp(−x²/2)/√(2π)``. Autodiff of the
     forward formula makes the forward pass write ``erf`` and ``exp`` terms of the
-    ``(tokens, expansion·width)`` hidden layer as extra residuals (four elementwise passes
+    ``(tokens, expansion·width)`` hidden layer as extra residuals (five elementwise passes
     where the value needs one); here the backward pass computes the derivative from ``x`` in
     one fused pass. ``Φ`` is written there as ``0.5·(1 − erf(−x/√2))`` (the same value: ``erf``
     is odd), so that XLA's common-subexpression pass cannot merge it with the forward's
